@@ -1,0 +1,229 @@
+"""Frozen configuration dataclasses, one per component, with the paper's defaults.
+
+Notation follows Hafner et al. 2019 (PlaNet): h deterministic state, s stochastic state, a action,
+o observation, e embedding; H, I, J, K the planner's horizon, iterations, candidates and elites.
+Presets: `paper()` (the defaults), `tiny()` (seconds-scale smoke runs and tests), `cpu()` (a real
+learning run that fits a 2-core CPU). `override(cfg, ["model.h_size=64", ...])` sets any field.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+MODEL_KINDS = ("rssm", "ssm", "rnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    kind: str = "rssm"
+    """Latent model: 'rssm' (deterministic + stochastic paths), 'ssm' (stochastic only) or 'rnn'
+    (deterministic only), the paper's three variants (its Figure 2)."""
+    h_size: int = 200
+    """|h|: size of the deterministic state (GRU width)."""
+    s_size: int = 30
+    """|s|: size of the stochastic state (diagonal Gaussian)."""
+    hidden: int = 200
+    """Width of the hidden layers of the transition, prior and posterior networks."""
+    cnn_depth: int = 32
+    """Channels of the first encoder conv; the encoder uses 1, 2, 4, 8 times it, the decoder the reverse."""
+    reward_hidden: int = 200
+    """Width of the reward model's hidden layers."""
+    reward_layers: int = 2
+    """Number of hidden layers of the reward model (the paper's PyTorch-era default: 2)."""
+    min_std: float = 0.1
+    """Floor of the Gaussian std: std = softplus(x) + min_std."""
+    bit_depth: int = 5
+    """Bits kept per colour channel when preprocessing images (paper: 5)."""
+    fast_deconv: bool = False
+    """Compute the decoder's stride-2 transposed convolutions by an exact sub-pixel reformulation."""
+
+    @property
+    def embed_size(self) -> int:
+        """|e|: encoder output size; 8 * depth channels on a 2x2 grid (1024 at the paper's size)."""
+        return 8 * self.cnn_depth * 4
+
+    @property
+    def feature_size(self) -> int:
+        """Size of the (h, s) features read by the decoder and the reward model."""
+        return self.h_size + self.s_size
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    free_nats: float = 3.0
+    """KL terms below this many nats are not penalised: max(KL, free_nats)."""
+    overshooting_distance: int = 1
+    """D: latent overshooting over distances d = 1..D (paper eq. 7); D = 1 is the standard ELBO."""
+    overshooting_beta: float = 1.0
+    """beta_d for d > 1 (beta_1 = 1)."""
+    global_kl_beta: float = 0.0
+    """Weight of KL[q(s_t | o<=t) || N(0, I)] (the pre-camera-ready 'global prior', 0.1 there)."""
+    reward_scale: float = 10.0
+    """Scale of the reward log-likelihood (10 in the original TensorFlow code)."""
+    image_scale: float = 1.0
+    """Scale of the image log-likelihood."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    """Adam learning rate."""
+    eps: float = 1e-4
+    """Adam epsilon."""
+    clip_norm: float = 1000.0
+    """Global gradient-norm clip."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannerConfig:
+    horizon: int = 12
+    """H: planning horizon (agent steps)."""
+    iterations: int = 10
+    """I: CEM refinement iterations."""
+    candidates: int = 1000
+    """J: action sequences sampled per iteration."""
+    top_k: int = 100
+    """K: elites refit per iteration."""
+    warm_start: bool = False
+    """Start each decision from the previous mean shifted by one step (the paper restarts at N(0, I))."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    episodes: int = 1000
+    """Total episodes, seed episodes included (Table 1: 1000)."""
+    seed_episodes: int = 5
+    """S: episodes collected with uniform random actions before training."""
+    collect_interval: int = 100
+    """C: gradient updates per collected episode."""
+    batch_size: int = 50
+    """B: sequences per batch."""
+    chunk_length: int = 50
+    """L: frames per sequence."""
+    expl_noise: float = 0.3
+    """Std of the Gaussian noise added to planned actions while collecting."""
+    action_repeat: int = 0
+    """R: environment steps per agent step; 0 takes the task's paper value (2 where none is known)."""
+    episode_steps: int = 1000
+    """Environment steps per episode (1000 in the Control Suite)."""
+    test_every: int = 10
+    """Run a noise-free test episode (with videos) after every this many collected episodes."""
+    checkpoint_every: int = 10
+    """Save a checkpoint after every this many episodes (and always on exit)."""
+    num_envs: int = 1
+    """Environments collected at once, each in its own process."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    planner: PlannerConfig = PlannerConfig()
+    train: TrainConfig = TrainConfig()
+
+    def validate(self) -> "Config":
+        """Raise ValueError naming the first impossible value."""
+        m, lo, p, t = self.model, self.loss, self.planner, self.train
+        if m.kind not in MODEL_KINDS:
+            raise ValueError(f"model.kind must be one of {', '.join(MODEL_KINDS)}, got {m.kind!r}")
+        positive = {
+            "model.h_size": m.h_size, "model.s_size": m.s_size, "model.hidden": m.hidden,
+            "model.cnn_depth": m.cnn_depth, "model.reward_hidden": m.reward_hidden,
+            "loss.overshooting_distance": lo.overshooting_distance,
+            "planner.horizon": p.horizon, "planner.iterations": p.iterations,
+            "planner.candidates": p.candidates, "planner.top_k": p.top_k,
+            "train.episodes": t.episodes, "train.seed_episodes": t.seed_episodes,
+            "train.collect_interval": t.collect_interval, "train.batch_size": t.batch_size,
+            "train.chunk_length": t.chunk_length, "train.episode_steps": t.episode_steps,
+            "train.test_every": t.test_every, "train.checkpoint_every": t.checkpoint_every,
+            "train.num_envs": t.num_envs, "optim.lr": self.optim.lr,
+        }
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if not 1 <= m.bit_depth <= 8:
+            raise ValueError(f"model.bit_depth must be in 1..8, got {m.bit_depth}")
+        if p.top_k > p.candidates:
+            raise ValueError(f"planner.top_k ({p.top_k}) must not exceed planner.candidates ({p.candidates})")
+        if lo.overshooting_distance > t.chunk_length:
+            raise ValueError(f"loss.overshooting_distance ({lo.overshooting_distance}) must not exceed "
+                             f"train.chunk_length ({t.chunk_length})")
+        if t.action_repeat < 0 or t.expl_noise < 0 or lo.free_nats < 0 or m.min_std <= 0:
+            raise ValueError("train.action_repeat, train.expl_noise and loss.free_nats must be >= 0 "
+                             "and model.min_std > 0")
+        return self
+
+
+def paper() -> Config:
+    """The paper's settings (PLANET.md): RSSM 200/30, B = L = 50, C = 100, H=12 I=10 J=1000 K=100."""
+    return Config()
+
+
+def tiny() -> Config:
+    """Small networks and short episodes: a full run of the real loop in about a minute on a CPU."""
+    return Config(
+        model=ModelConfig(h_size=16, s_size=4, hidden=16, cnn_depth=2, reward_hidden=16),
+        planner=PlannerConfig(horizon=4, iterations=2, candidates=16, top_k=4),
+        train=TrainConfig(episodes=4, seed_episodes=2, collect_interval=5, batch_size=4,
+                          chunk_length=8, episode_steps=100, test_every=1, checkpoint_every=1),
+    )
+
+
+def cpu() -> Config:
+    """A learning run that fits 2 CPU cores in about two hours (see README, 'Results on a CPU')."""
+    return Config(
+        planner=PlannerConfig(horizon=12, iterations=8, candidates=300, top_k=30),
+        train=TrainConfig(episodes=100, seed_episodes=5, collect_interval=50, batch_size=16,
+                          chunk_length=50, test_every=5, checkpoint_every=5),
+    )
+
+
+PRESETS = {"paper": paper, "tiny": tiny, "cpu": cpu}
+
+
+def _parse_value(text: str, current: Any) -> Any:
+    if isinstance(current, bool):
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean, got {text!r}")
+    if isinstance(current, int):
+        return int(text)
+    if isinstance(current, float):
+        return float(text)
+    return text
+
+
+def override(cfg: Config, assignments: Sequence[str]) -> Config:
+    """Apply 'section.field=value' assignments, e.g. ['planner.candidates=500', 'loss.free_nats=2']."""
+    for item in assignments:
+        key, sep, text = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot:
+            raise ValueError(f"override {item!r} is not of the form section.field=value")
+        sections = {f.name for f in dataclasses.fields(cfg)}
+        if section not in sections:
+            raise ValueError(f"unknown config section {section!r} (choose from {', '.join(sorted(sections))})")
+        sub = getattr(cfg, section)
+        names = {f.name for f in dataclasses.fields(sub)}
+        if name not in names:
+            raise ValueError(f"unknown field {name!r} in {section} (choose from {', '.join(sorted(names))})")
+        try:
+            value = _parse_value(text.strip(), getattr(sub, name))
+        except ValueError as err:
+            raise ValueError(f"bad value for {key}: {err}") from None
+        cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(sub, **{name: value})})
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    kinds = {"model": ModelConfig, "loss": LossConfig, "optim": OptimConfig,
+             "planner": PlannerConfig, "train": TrainConfig}
+    return Config(**{k: cls(**data[k]) for k, cls in kinds.items() if k in data})

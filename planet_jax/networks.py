@@ -1,0 +1,164 @@
+"""The world model's networks: encoder, decoder, reward model, RSSM cells, and image preprocessing.
+
+Flax modules are only used to hold the layers; everything else calls them through `apply` on an
+explicit parameter pytree (see `init_params`). Images are NHWC, 64x64x3.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from planet_jax.config import ModelConfig
+
+Params = Any
+
+
+class Encoder(nn.Module):
+    """e_t = enc(o_t): conv 32, 64, 128, 256 (x depth/32), kernel 4, stride 2, ReLU; 64x64x3 -> |e|."""
+    depth: int
+
+    @nn.compact
+    def __call__(self, o: jax.Array) -> jax.Array:
+        x = o
+        for i, mult in enumerate((1, 2, 4, 8)):
+            conv = nn.Conv(mult * self.depth, (4, 4), strides=(2, 2), padding="VALID", name=f"conv{i}")
+            x = nn.relu(conv(x))
+        return x.reshape(x.shape[:-3] + (-1,))
+
+
+class Decoder(nn.Module):
+    """Mean of p(o_t | h_t, s_t): dense 1024 (x depth/32) -> deconv 128 (k5), 64 (k5), 32 (k6), 3 (k6)."""
+    depth: int
+    fast: bool = True
+
+    @nn.compact
+    def __call__(self, feat: jax.Array) -> jax.Array:
+        x = nn.Dense(32 * self.depth, name="dense")(feat)
+        x = x.reshape(x.shape[:-1] + (1, 1, 32 * self.depth))
+        specs = ((4 * self.depth, 5), (2 * self.depth, 5), (self.depth, 6), (3, 6))
+        for i, (channels, kernel) in enumerate(specs):
+            if self.fast:  # an exact reformulation of the stride-2 transposed conv, fast on CPU
+                from planet_jax.ops import Deconv
+                x = Deconv(channels, kernel, name=f"deconv{i}")(x)
+            else:
+                x = nn.ConvTranspose(channels, (kernel, kernel), strides=(2, 2), padding="VALID",
+                                     name=f"deconv{i}")(x)
+            if i < len(specs) - 1:
+                x = nn.relu(x)
+        return x
+
+
+class RewardModel(nn.Module):
+    """Mean of p(r_t | h_t, s_t): an MLP with ReLU hidden layers."""
+    hidden: int
+    layers: int
+
+    @nn.compact
+    def __call__(self, feat: jax.Array) -> jax.Array:
+        x = feat
+        for _ in range(self.layers):
+            x = nn.relu(nn.Dense(self.hidden)(x))
+        return nn.Dense(1)(x)[..., 0]
+
+
+class Transition(nn.Module):
+    """h_t = f(h_{t-1}, s_{t-1}, a_{t-1}) and the prior p(s_t | h_t) (raw mean and std outputs).
+
+    f is dense + ReLU then a GRU cell for 'rssm'; 'ssm' has no recurrence (h_t is the dense output);
+    'rnn' keeps the GRU and its s is a deterministic readout.
+    """
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, h_tm1: jax.Array, s_tm1: jax.Array, a_tm1: jax.Array):
+        cfg = self.cfg
+        x = nn.relu(nn.Dense(cfg.hidden, name="embed_sa")(jnp.concatenate([s_tm1, a_tm1], -1)))
+        if cfg.kind == "ssm":
+            h_t = nn.relu(nn.Dense(cfg.h_size, name="ssm_hidden")(x))
+        else:
+            h_t, _ = nn.GRUCell(cfg.h_size, name="gru")(h_tm1, x)
+        y = nn.relu(nn.Dense(cfg.hidden, name="prior_hidden")(h_t))
+        return h_t, nn.Dense(2 * cfg.s_size, name="prior_out")(y)
+
+
+class Posterior(nn.Module):
+    """q(s_t | h_t, e_t) (raw mean and std outputs)."""
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, h_t: jax.Array, e_t: jax.Array) -> jax.Array:
+        y = nn.relu(nn.Dense(self.cfg.hidden, name="post_hidden")(jnp.concatenate([h_t, e_t], -1)))
+        return nn.Dense(2 * self.cfg.s_size, name="post_out")(y)
+
+
+def modules(cfg: ModelConfig) -> dict[str, nn.Module]:
+    return {
+        "encoder": Encoder(cfg.cnn_depth),
+        "decoder": Decoder(cfg.cnn_depth, fast=cfg.fast_deconv),
+        "reward": RewardModel(cfg.reward_hidden, cfg.reward_layers),
+        "transition": Transition(cfg),
+        "posterior": Posterior(cfg),
+    }
+
+
+def init_params(cfg: ModelConfig, action_dim: int, key: jax.Array) -> Params:
+    """Parameter pytree {'encoder', 'decoder', 'reward', 'transition', 'posterior'} for `action_dim`."""
+    mods = modules(cfg)
+    keys = dict(zip(mods, jax.random.split(key, len(mods))))
+    feat = jnp.zeros((1, cfg.feature_size))
+    h, s = jnp.zeros((1, cfg.h_size)), jnp.zeros((1, cfg.s_size))
+    dummy_inputs = {
+        "encoder": (jnp.zeros((1, 64, 64, 3)),),
+        "decoder": (feat,),
+        "reward": (feat,),
+        "transition": (h, s, jnp.zeros((1, action_dim))),
+        "posterior": (h, jnp.zeros((1, cfg.embed_size))),
+    }
+    return {name: mods[name].init(keys[name], *dummy_inputs[name])["params"] for name in mods}
+
+
+def encode(params: Params, cfg: ModelConfig, o: jax.Array) -> jax.Array:
+    """(..., 64, 64, 3) preprocessed images -> (..., |e|) embeddings."""
+    chex.assert_shape(o, (..., 64, 64, 3))
+    lead = o.shape[:-3]
+    e = Encoder(cfg.cnn_depth).apply({"params": params["encoder"]}, o.reshape((-1, 64, 64, 3)))
+    return e.reshape(lead + (cfg.embed_size,))
+
+
+def decode(params: Params, cfg: ModelConfig, feat: jax.Array) -> jax.Array:
+    """(..., |h|+|s|) features -> (..., 64, 64, 3) mean images."""
+    chex.assert_shape(feat, (..., cfg.feature_size))
+    lead = feat.shape[:-1]
+    dec = Decoder(cfg.cnn_depth, fast=cfg.fast_deconv)
+    o = dec.apply({"params": params["decoder"]}, feat.reshape((-1, cfg.feature_size)))
+    return o.reshape(lead + (64, 64, 3))
+
+
+def reward(params: Params, cfg: ModelConfig, feat: jax.Array) -> jax.Array:
+    """(..., |h|+|s|) features -> (...) predicted rewards."""
+    chex.assert_shape(feat, (..., cfg.feature_size))
+    return RewardModel(cfg.reward_hidden, cfg.reward_layers).apply({"params": params["reward"]}, feat)
+
+
+def preprocess(o: jax.Array, key: jax.Array | None, bit_depth: int = 5) -> jax.Array:
+    """uint8 images -> floats in [-0.5, 0.5): keep `bit_depth` bits, add uniform dequantisation noise.
+
+    floor(o / 2^(8 - b)) / 2^b + U(0, 1 / 2^b) - 0.5 (paper's preprocessing with b = 5). Without a
+    key the noise is replaced by its mean, half a bin (for evaluation and video).
+    """
+    bins = 2.0 ** bit_depth
+    x = jnp.floor(o.astype(jnp.float32) / 2 ** (8 - bit_depth)) / bins
+    if key is None:
+        noise = 0.5 / bins
+    else:
+        noise = jax.random.uniform(key, o.shape, jnp.float32, 0.0, 1.0 / bins)
+    return x + noise - 0.5
+
+
+def postprocess(x: jax.Array) -> jax.Array:
+    """Model images in [-0.5, 0.5] -> uint8 for video."""
+    return jnp.clip(jnp.floor((x + 0.5) * 256.0), 0, 255).astype(jnp.uint8)

@@ -1,0 +1,229 @@
+"""Episode storage on disk and uniform sampling of fixed-length chunks (Algorithm 1's dataset D).
+
+This is plain Python/numpy (no jit): files, a list of episodes in memory, a numpy Generator.
+
+Episode convention. An episode of N agent steps is a dict of three arrays with N + 1 rows each:
+  obs     uint8   (N+1, H, W, 3)  obs[0] is the reset frame, obs[i] the frame after agent step i.
+  action  float32 (N+1, A)        action[i] is the action that led to obs[i]; action[0] is zeros.
+  reward  float32 (N+1,)          reward[i] is the reward received on that step; reward[0] is 0.
+So row t holds (o_t, a_{t-1}, r_t), the time convention of `planet_jax.rssm`.
+
+On disk each episode is `episode_{index:06d}_{N+1}.npz` (np.savez_compressed), written to a temp
+file in the same directory and renamed over the final name, so a crash never leaves a partial
+file under a final name. Images stay uint8 in memory; only a sampled batch is ever copied.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+KEYS = ("obs", "action", "reward")
+_DTYPES = {"obs": np.uint8, "action": np.float32, "reward": np.float32}
+_NDIMS = {"obs": 4, "action": 2, "reward": 1}
+_FILE_RE = re.compile(r"^episode_(\d+)_(\d+)\.npz$")
+
+Episode = dict[str, np.ndarray]
+
+
+class CorruptEpisodeError(ValueError):
+    """An episode file that cannot be read completely (truncated, corrupt or inconsistent)."""
+
+
+def validate_episode(episode: Episode) -> int:
+    """Checks keys, dtypes, ranks and equal lengths; returns the number of rows N + 1.
+
+    Raises:
+      ValueError naming the first problem found.
+    """
+    keys = set(episode)
+    if keys != set(KEYS):
+        raise ValueError(f"episode keys must be {sorted(KEYS)}, got {sorted(keys)}")
+    for key in KEYS:
+        value = episode[key]
+        if not isinstance(value, np.ndarray):
+            raise ValueError(f"episode[{key!r}] must be a numpy array, got {type(value).__name__}")
+        if value.dtype != _DTYPES[key]:
+            raise ValueError(f"episode[{key!r}] must have dtype {np.dtype(_DTYPES[key])}, "
+                             f"got {value.dtype}")
+        if value.ndim != _NDIMS[key]:
+            raise ValueError(f"episode[{key!r}] must have rank {_NDIMS[key]}, "
+                             f"got shape {value.shape}")
+    if episode["obs"].shape[-1] != 3:
+        raise ValueError(f"episode['obs'] must have 3 channels, got shape {episode['obs'].shape}")
+    lengths = {key: len(episode[key]) for key in KEYS}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"episode arrays must have the same number of rows, got {lengths}")
+    rows = lengths["obs"]
+    if rows < 1:
+        raise ValueError("episode must have at least one row (the reset frame)")
+    return rows
+
+
+def episode_filename(index: int, rows: int) -> str:
+    """`episode_{index:06d}_{rows}.npz`, where rows = N + 1."""
+    return f"episode_{index:06d}_{rows}.npz"
+
+
+def save_episode(directory, episode: Episode, index: int) -> Path:
+    """Writes `episode` atomically to `directory/episode_{index:06d}_{rows}.npz`; returns the path."""
+    rows = validate_episode(episode)
+    if index < 0:
+        raise ValueError(f"episode index must be >= 0, got {index}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / episode_filename(index, rows)
+    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=".tmp_episode_", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, **{key: episode[key] for key in KEYS})
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.remove(tmp_name)
+        raise
+    return path
+
+
+def load_episode(path) -> Episode:
+    """Reads one episode file.
+
+    Raises:
+      CorruptEpisodeError (one line, naming the file) if it is truncated, corrupt or incomplete.
+    """
+    path = Path(path)
+    try:
+        # Opening the file ourselves closes it even when np.load fails on a broken zip.
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as data:
+            episode = {key: data[key] for key in data.files}
+        validate_episode(episode)
+    except Exception as e:  # zip, zlib, pickle-refusal, missing keys: all mean an unusable file
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise CorruptEpisodeError(f"corrupt episode file {path}: {detail}") from e
+    return episode
+
+
+def _file_index(path: Path) -> int | None:
+    match = _FILE_RE.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+class Replay:
+    """Episodes on disk in `directory`, mirrored in memory, sampled as uniform chunks.
+
+    Chunk starts are uniform over all valid (episode, start) pairs of the whole buffer, so an
+    episode of R rows is chosen in proportion to R - L + 1 for chunk length L.
+    """
+
+    def __init__(self, directory, seed: int):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._rng = np.random.default_rng(seed)
+        self._episodes: list[Episode] = []
+        self._rows: list[int] = []
+        self._next_index = 0
+
+    @property
+    def episodes(self) -> list[Episode]:
+        """The stored episodes, in the order they were loaded or added (a new list, same arrays)."""
+        return list(self._episodes)
+
+    @property
+    def num_episodes(self) -> int:
+        return len(self._episodes)
+
+    @property
+    def num_steps(self) -> int:
+        """Agent steps stored: sum over episodes of rows - 1."""
+        return sum(self._rows) - len(self._rows)
+
+    def _files(self) -> list[tuple[int, Path]]:
+        files = []
+        for path in self.directory.glob("episode_*.npz"):
+            index = _file_index(path)
+            if index is not None:
+                files.append((index, path))
+        return sorted(files)
+
+    def load(self) -> int:
+        """Loads every episode file in the directory in index order; returns how many loaded.
+
+        A corrupt file is skipped with a warning. New episodes are numbered after the highest
+        index found, corrupt files included, so none is overwritten.
+        """
+        loaded = 0
+        for index, path in self._files():
+            self._next_index = max(self._next_index, index + 1)
+            try:
+                episode = load_episode(path)
+            except CorruptEpisodeError as e:
+                warnings.warn(f"skipping {e}", stacklevel=2)
+                continue
+            self._keep(episode)
+            loaded += 1
+        return loaded
+
+    def _check_compatible(self, episode: Episode) -> None:
+        if not self._episodes:
+            return
+        first = self._episodes[0]
+        for key in ("obs", "action"):
+            if episode[key].shape[1:] != first[key].shape[1:]:
+                raise ValueError(f"episode[{key!r}] rows have shape {episode[key].shape[1:]}, "
+                                 f"but stored episodes have {first[key].shape[1:]}")
+
+    def _keep(self, episode: Episode) -> None:
+        rows = validate_episode(episode)
+        self._check_compatible(episode)
+        self._episodes.append({key: episode[key] for key in KEYS})
+        self._rows.append(rows)
+
+    def add(self, episode: Episode) -> Path:
+        """Saves `episode` under the next index and keeps it in memory; returns its path."""
+        validate_episode(episode)
+        self._check_compatible(episode)
+        path = save_episode(self.directory, episode, self._next_index)
+        self._next_index += 1
+        self._keep(episode)
+        return path
+
+    def sample(self, batch_size: int, chunk_length: int) -> dict[str, np.ndarray]:
+        """Draws B chunks of L consecutive rows, each from inside one episode.
+
+        Returns:
+          obs uint8 (B, L, H, W, 3), action float32 (B, L, A), reward float32 (B, L).
+        """
+        if batch_size <= 0 or chunk_length <= 0:
+            raise ValueError(f"batch_size and chunk_length must be positive, "
+                             f"got {batch_size} and {chunk_length}")
+        if not self._episodes:
+            raise ValueError("cannot sample from an empty replay")
+        starts_per_episode = np.maximum(np.asarray(self._rows) - chunk_length + 1, 0)
+        total = int(starts_per_episode.sum())
+        if total == 0:
+            raise ValueError(f"no episode has at least chunk_length={chunk_length} rows "
+                             f"(longest has {max(self._rows)})")
+        ends = np.cumsum(starts_per_episode)
+        flat = self._rng.integers(total, size=batch_size)
+        which = np.searchsorted(ends, flat, side="right")
+        starts = flat - (ends[which] - starts_per_episode[which])
+        return {
+            key: np.stack([self._episodes[e][key][s:s + chunk_length]
+                           for e, s in zip(which, starts)])
+            for key in KEYS
+        }
+
+    def state_dict(self) -> dict:
+        """The sampling generator's state, JSON-serialisable."""
+        return {"rng": copy.deepcopy(self._rng.bit_generator.state)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores the sampling stream saved by `state_dict`."""
+        self._rng.bit_generator.state = copy.deepcopy(state["rng"])

@@ -1,0 +1,215 @@
+"""Tests for planet_jax.replay: file format, atomic writes, corruption handling, chunk sampling."""
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from planet_jax.replay import (CorruptEpisodeError, Replay, load_episode, save_episode)
+
+A = 2
+SIZE = 8  # small frames keep the tests fast; the code does not depend on 64x64
+
+
+def coded_episode(episode_id: int, rows: int) -> dict:
+    """An episode whose every value encodes (episode id, row), so a chunk reveals its origin."""
+    t = np.arange(rows)
+    obs = np.zeros((rows, SIZE, SIZE, 3), np.uint8)
+    obs[:, 0, 0, 0] = episode_id
+    obs[:, 0, 0, 1] = t % 256
+    obs[:, 0, 0, 2] = t // 256
+    action = np.stack([np.full(rows, episode_id), t], axis=1).astype(np.float32)
+    reward = (1000 * episode_id + t).astype(np.float32)
+    return {"obs": obs, "action": action, "reward": reward}
+
+
+def random_episode(rng, rows: int) -> dict:
+    return {
+        "obs": rng.integers(0, 256, (rows, SIZE, SIZE, 3), dtype=np.uint8),
+        "action": rng.uniform(-1, 1, (rows, A)).astype(np.float32),
+        "reward": rng.normal(size=rows).astype(np.float32),
+    }
+
+
+def test_save_load_roundtrip(tmp_path):
+    episode = random_episode(np.random.default_rng(0), 13)
+    path = save_episode(tmp_path, episode, 7)
+    assert path.name == "episode_000007_13.npz"
+    loaded = load_episode(path)
+    assert set(loaded) == {"obs", "action", "reward"}
+    for key in episode:
+        assert loaded[key].dtype == episode[key].dtype
+        np.testing.assert_array_equal(loaded[key], episode[key])
+
+
+def test_atomic_write_leaves_only_final_file(tmp_path):
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        save_episode(tmp_path, random_episode(rng, 5 + i), i)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["episode_000000_5.npz", "episode_000001_6.npz", "episode_000002_7.npz"]
+
+
+@pytest.mark.parametrize("bad", [
+    {"obs": np.zeros((4, SIZE, SIZE, 3), np.float32)},  # wrong obs dtype
+    {"action": np.zeros((3, A), np.float32)},           # length mismatch
+    {"reward": np.zeros((4, 1), np.float32)},           # wrong rank
+    {"action": np.zeros((4, A), np.float64)},           # wrong action dtype
+])
+def test_save_rejects_inconsistent_episode(tmp_path, bad):
+    episode = {**random_episode(np.random.default_rng(2), 4), **bad}
+    with pytest.raises(ValueError):
+        save_episode(tmp_path, episode, 0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_truncated_file_raises_corrupt_episode_error(tmp_path):
+    path = save_episode(tmp_path, random_episode(np.random.default_rng(3), 20), 0)
+    truncate(path)
+    with pytest.raises(CorruptEpisodeError, match=path.name) as info:
+        load_episode(path)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_key_raises_corrupt_episode_error(tmp_path):
+    path = tmp_path / "episode_000000_3.npz"
+    np.savez_compressed(path, obs=np.zeros((3, SIZE, SIZE, 3), np.uint8))
+    with pytest.raises(CorruptEpisodeError, match=path.name):
+        load_episode(path)
+
+
+def test_replay_load_skips_corrupt_file_with_warning(tmp_path):
+    writer = Replay(tmp_path, seed=0)
+    for i, rows in enumerate([6, 7, 8]):
+        writer.add(coded_episode(i, rows))
+    bad = tmp_path / "episode_000001_7.npz"
+    truncate(bad)
+
+    replay = Replay(tmp_path, seed=0)
+    with pytest.warns(UserWarning, match=bad.name):
+        assert replay.load() == 2
+    assert replay.num_episodes == 2
+    assert replay.num_steps == 5 + 7
+    assert [ep["reward"][0] for ep in replay.episodes] == [0.0, 2000.0]
+    # A new episode must not overwrite the corrupt file's index.
+    path = replay.add(coded_episode(3, 4))
+    assert path.name == "episode_000003_4.npz"
+
+
+def test_add_and_reload_preserves_order(tmp_path):
+    replay = Replay(tmp_path, seed=0)
+    for i in range(12):  # past 10, so file order matters (index is zero-padded)
+        replay.add(coded_episode(i, 3 + i))
+    assert replay.num_episodes == 12
+    assert replay.num_steps == sum(2 + i for i in range(12))
+    reloaded = Replay(tmp_path, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert reloaded.load() == 12
+    for i, episode in enumerate(reloaded.episodes):
+        np.testing.assert_array_equal(episode["action"][:, 0], i)
+        assert len(episode["reward"]) == 3 + i
+
+
+def test_sample_shapes_and_dtypes(tmp_path):
+    replay = Replay(tmp_path, seed=0)
+    replay.add(coded_episode(0, 10))
+    replay.add(coded_episode(1, 12))
+    batch = replay.sample(4, 6)
+    assert batch["obs"].shape == (4, 6, SIZE, SIZE, 3) and batch["obs"].dtype == np.uint8
+    assert batch["action"].shape == (4, 6, A) and batch["action"].dtype == np.float32
+    assert batch["reward"].shape == (4, 6) and batch["reward"].dtype == np.float32
+
+
+def test_sampled_chunks_are_contiguous_slices_of_one_episode(tmp_path):
+    lengths = [5, 9, 16, 7]
+    replay = Replay(tmp_path, seed=1)
+    for i, rows in enumerate(lengths):
+        replay.add(coded_episode(i, rows))
+    chunk = 5
+    batch = replay.sample(200, chunk)
+    seen_starts = set()
+    for b in range(200):
+        episode_id = int(batch["action"][b, 0, 0])
+        start = int(batch["action"][b, 0, 1])
+        assert 0 <= start <= lengths[episode_id] - chunk
+        expected = coded_episode(episode_id, lengths[episode_id])
+        for key in ("obs", "action", "reward"):
+            np.testing.assert_array_equal(batch[key][b], expected[key][start:start + chunk])
+        seen_starts.add((episode_id, start))
+    # Every valid (episode, start) pair is reachable: 1 + 5 + 12 + 3 = 21 pairs, 200 draws.
+    assert len(seen_starts) == sum(n - chunk + 1 for n in lengths)
+
+
+def test_sampling_is_uniform_over_valid_starts(tmp_path):
+    replay = Replay(tmp_path, seed=2)
+    replay.add(coded_episode(0, 10))
+    replay.add(coded_episode(1, 30))
+    chunk, draws = 5, 20000
+    episode_ids = replay.sample(draws, chunk)["action"][:, 0, 0]
+    p = (30 - chunk + 1) / ((10 - chunk + 1) + (30 - chunk + 1))  # 26 / 32
+    std = np.sqrt(p * (1 - p) / draws)
+    assert abs(np.mean(episode_ids == 1) - p) < 5 * std
+
+
+def test_sample_errors(tmp_path):
+    replay = Replay(tmp_path, seed=0)
+    with pytest.raises(ValueError, match="empty"):
+        replay.sample(2, 3)
+    replay.add(coded_episode(0, 4))
+    replay.add(coded_episode(1, 6))
+    with pytest.raises(ValueError, match="chunk_length"):
+        replay.sample(2, 7)
+    with pytest.raises(ValueError):
+        replay.sample(0, 3)
+    with pytest.raises(ValueError):
+        replay.sample(2, 0)
+    # A chunk exactly as long as the longest episode has one valid start.
+    batch = replay.sample(3, 6)
+    np.testing.assert_array_equal(batch["action"][:, :, 0], 1)
+    np.testing.assert_array_equal(batch["action"][:, 0, 1], 0)
+
+
+def test_add_rejects_mismatched_action_dim(tmp_path):
+    replay = Replay(tmp_path, seed=0)
+    replay.add(coded_episode(0, 4))
+    other = coded_episode(1, 4)
+    other["action"] = np.zeros((4, A + 1), np.float32)
+    with pytest.raises(ValueError):
+        replay.add(other)
+    assert replay.num_episodes == 1
+
+
+def fill(replay):
+    for i, rows in enumerate([8, 20, 13]):
+        replay.add(coded_episode(i, rows))
+
+
+def test_same_seed_same_samples(tmp_path):
+    first, second = Replay(tmp_path / "a", seed=5), Replay(tmp_path / "b", seed=5)
+    fill(first)
+    fill(second)
+    for _ in range(3):
+        np.testing.assert_array_equal(first.sample(8, 4)["reward"], second.sample(8, 4)["reward"])
+    other = Replay(tmp_path / "c", seed=6)
+    fill(other)
+    assert not np.array_equal(first.sample(8, 4)["reward"], other.sample(8, 4)["reward"])
+
+
+def test_state_dict_restore_continues_stream(tmp_path):
+    replay = Replay(tmp_path, seed=9)
+    fill(replay)
+    replay.sample(8, 4)
+    state = json.loads(json.dumps(replay.state_dict()))  # survives a JSON checkpoint
+    expected = [replay.sample(8, 4)["reward"] for _ in range(3)]
+
+    resumed = Replay(tmp_path, seed=123)
+    resumed.load()
+    resumed.load_state_dict(state)
+    for want in expected:
+        np.testing.assert_array_equal(resumed.sample(8, 4)["reward"], want)

@@ -1,0 +1,98 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from planet_jax import networks, rssm
+from tests.conftest import ACTION_DIM, assert_trees_close, random_sequence, tiny_model
+
+
+@pytest.mark.parametrize("kind", ["rssm", "ssm", "rnn"])
+def test_observe_scan_equals_python_loop(kind):
+    cfg = tiny_model(kind=kind)
+    params = networks.init_params(cfg, ACTION_DIM, jax.random.PRNGKey(1))
+    T = 6
+    e, a = random_sequence(cfg, T, jax.random.PRNGKey(2))
+    key = jax.random.PRNGKey(3)
+    states, priors, posts = rssm.observe(params, cfg, e, a, key)
+
+    state = rssm.RSSMState(np.zeros(cfg.h_size), np.zeros(cfg.s_size))
+    for t, k in enumerate(jax.random.split(key, T)):
+        h_t, p = rssm.prior(params, cfg, state, a[t])
+        state, q = rssm.posterior_step(params, cfg, h_t, e[t], k)
+        assert_trees_close(jax.tree.map(lambda x: x[t], (states, priors, posts)), (state, p, q))
+    assert states.h.shape == (T, cfg.h_size) and states.s.shape == (T, cfg.s_size)
+    assert priors.mean.shape == posts.std.shape == (T, cfg.s_size)
+
+
+@pytest.mark.parametrize("kind", ["rssm", "ssm", "rnn"])
+def test_imagine_scan_equals_python_loop(kind):
+    cfg = tiny_model(kind=kind)
+    params = networks.init_params(cfg, ACTION_DIM, jax.random.PRNGKey(1))
+    H = 5
+    _, a = random_sequence(cfg, H, jax.random.PRNGKey(4))
+    start = rssm.RSSMState(jax.random.normal(jax.random.PRNGKey(5), (cfg.h_size,)),
+                           jax.random.normal(jax.random.PRNGKey(6), (cfg.s_size,)))
+    key = jax.random.PRNGKey(7)
+    states, priors = rssm.imagine(params, cfg, start, a, key)
+    state = start
+    for t, k in enumerate(jax.random.split(key, H)):
+        h_t, p = rssm.prior(params, cfg, state, a[t])
+        s_t = p.mean if kind == "rnn" else p.mean + p.std * jax.random.normal(k, p.mean.shape)
+        state = rssm.RSSMState(h_t, s_t)
+        assert_trees_close(jax.tree.map(lambda x: x[t], (states, priors)), (state, p))
+
+
+def test_variants_differ_in_recurrence_and_noise():
+    key = jax.random.PRNGKey(0)
+    for kind in ("rssm", "ssm", "rnn"):
+        cfg = tiny_model(kind=kind)
+        params = networks.init_params(cfg, ACTION_DIM, key)
+        a = jnp.zeros(ACTION_DIM)
+        s = jnp.zeros(cfg.s_size)
+        h1, _ = rssm.prior(params, cfg, rssm.RSSMState(jnp.zeros(cfg.h_size), s), a)
+        h2, p = rssm.prior(params, cfg, rssm.RSSMState(jnp.ones(cfg.h_size), s), a)
+        # Only the SSM ignores h_{t-1}: it has no deterministic recurrence.
+        assert np.allclose(h1, h2) == (kind == "ssm")
+        sample = rssm.sample(cfg, p, jax.random.PRNGKey(1))
+        assert np.allclose(sample, p.mean) == (kind == "rnn")
+        if kind != "rnn":
+            assert np.all(np.asarray(p.std) > cfg.min_std)
+
+
+def test_network_shapes(model_cfg, params):
+    o = jnp.zeros((2, 3, 64, 64, 3))
+    assert networks.encode(params, model_cfg, o).shape == (2, 3, model_cfg.embed_size)
+    feat = jnp.zeros((2, 3, model_cfg.feature_size))
+    assert networks.decode(params, model_cfg, feat).shape == (2, 3, 64, 64, 3)
+    assert networks.reward(params, model_cfg, feat).shape == (2, 3)
+    with pytest.raises(AssertionError):
+        networks.encode(params, model_cfg, jnp.zeros((2, 32, 32, 3)))
+    with pytest.raises(AssertionError):
+        rssm.observe(params, model_cfg, jnp.zeros((4, model_cfg.embed_size)), jnp.zeros((4,)),
+                     jax.random.PRNGKey(0))
+
+
+def test_paper_sizes():
+    from planet_jax import config
+    cfg = config.paper().model
+    params = networks.init_params(cfg, 6, jax.random.PRNGKey(0))
+    assert cfg.embed_size == 1024
+    assert params["decoder"]["dense"]["kernel"].shape == (230, 1024)
+    kernels = [params["decoder"][f"deconv{i}"]["kernel"].shape for i in range(4)]
+    assert kernels == [(5, 5, 1024, 128), (5, 5, 128, 64), (6, 6, 64, 32), (6, 6, 32, 3)]
+    assert [params["encoder"][f"conv{i}"]["kernel"].shape[-1] for i in range(4)] == [32, 64, 128, 256]
+    assert params["transition"]["gru"]["hn"]["kernel"].shape == (200, 200)
+
+
+def test_preprocess_five_bits():
+    o = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, -1)
+    x = np.asarray(networks.preprocess(jnp.asarray(o), jax.random.PRNGKey(0), 5))
+    expected_bin = np.array([v // 8 for v in range(256)], np.float32).reshape(1, 16, 16, 1) / 32 - 0.5
+    expected_bin = expected_bin.repeat(3, -1)
+    noise = x - expected_bin
+    assert noise.min() >= 0 and noise.max() < 1 / 32 + 1e-6
+    assert 0.3 / 32 < noise.mean() < 0.7 / 32  # uniform noise over one bin, not a constant
+    x_mean = np.asarray(networks.preprocess(jnp.asarray(o), None, 5))
+    np.testing.assert_allclose(x_mean, expected_bin + 1 / 64, atol=1e-6)
+    assert np.array_equal(np.asarray(networks.postprocess(jnp.asarray(x_mean))) // 8, o // 8)
