@@ -1,0 +1,29 @@
+"""Evaluate a trained run: noise-free test episodes with its last checkpoint.
+
+  python -m experiments.evaluate --logdir runs/walker_walk/0 --episodes 10
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from experiments import cli
+from planet_jax import loop
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.evaluate", description="Run test episodes with a run's last checkpoint.")
+    parser.add_argument("--logdir", required=True, help="run folder written by experiments.train")
+    parser.add_argument("--episodes", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=12345, help="seed of the test environments")
+    args = parser.parse_args(argv)
+    with cli.usage_errors(parser):
+        returns = loop.evaluate(args.logdir, args.episodes, args.seed)
+        print(f"return over {len(returns)} episodes: mean {np.mean(returns):.1f} std {np.std(returns):.1f}"
+              f" (videos in {args.logdir}/videos/eval_*.mp4)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

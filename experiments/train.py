@@ -1,0 +1,40 @@
+"""Train PlaNet on a DeepMind Control Suite task from pixels.
+
+  python -m experiments.train --env walker_walk
+  python -m experiments.train --env cartpole_swingup --preset tiny --logdir /tmp/run
+  python -m experiments.train --env cheetah_run --set loss.overshooting_distance=50 --set planner.candidates=500
+
+Running the same command again with the same --logdir resumes the run. The logic lives in
+planet_jax.loop; this file only parses flags.
+"""
+from __future__ import annotations
+
+import argparse
+
+from experiments import cli
+from planet_jax import config, loop
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.train", description="Train PlaNet from pixels (Algorithm 1 of the paper).")
+    parser.add_argument("--env", default="walker_walk", help="domain_task, e.g. walker_walk, cup_catch")
+    parser.add_argument("--logdir", default=None, help="run folder (default runs/<env>/<seed>)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--episodes", type=int, default=None, help="total episodes, seed episodes included")
+    parser.add_argument("--preset", choices=sorted(config.PRESETS), default="paper")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override a config field, e.g. --set planner.candidates=500 (repeatable)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    with cli.usage_errors(parser):
+        cfg = config.override(config.PRESETS[args.preset](), args.set)
+        if args.episodes is not None:
+            cfg = config.override(cfg, [f"train.episodes={args.episodes}"])
+        cfg.validate()
+        logdir = args.logdir or f"runs/{args.env}/{args.seed}"
+        loop.train(cfg, args.env, logdir, args.seed, progress=not args.no_progress)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""The acting side of PlaNet, jitted: filter the belief with each new frame, plan, add noise.
+
+Also the open-loop prediction used for the videos (the paper's Figure: context frames through the
+posterior, then predictions of the prior under the true actions).
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from planet_jax import networks, planner, rssm
+from planet_jax.config import Config, ModelConfig
+from planet_jax.rssm import RSSMState
+
+
+class Belief(NamedTuple):
+    """What the agent carries between steps for N environments: the latent state (N, ...), the last
+    action (N, |a|) and the last plan's mean (N, H, |a|) for warm starts."""
+    state: RSSMState
+    action: jax.Array
+    plan: jax.Array
+
+
+def initial_belief(cfg: Config, num_envs: int, action_dim: int) -> Belief:
+    return Belief(rssm.initial_state(cfg.model, (num_envs,)), jnp.zeros((num_envs, action_dim)),
+                  jnp.zeros((num_envs, cfg.planner.horizon, action_dim)))
+
+
+def make_policy(cfg: Config, action_dim: int) -> Callable:
+    """Returns jitted `policy(params, belief, obs, key, noise) -> (action, belief)`.
+
+    obs: uint8 (N, 64, 64, 3), the frames reached by `belief.action`; noise: std of the Gaussian
+    exploration noise (0 when testing). Actions are clipped to [-1, 1].
+    """
+    plan = planner.make_planner(cfg.model, cfg.planner, action_dim)
+
+    def policy(params, belief: Belief, obs: jax.Array, key: jax.Array, noise: jax.Array):
+        n = obs.shape[0]
+        k_post, k_plan, k_noise = jax.random.split(key, 3)
+        e = networks.encode(params, cfg.model, networks.preprocess(obs, None, cfg.model.bit_depth))
+        observe = partial(rssm.observe_step, params, cfg.model)
+        state, _, _ = jax.vmap(observe)(belief.state, belief.action, e, jax.random.split(k_post, n))
+        action, mean = plan(params, state, jax.random.split(k_plan, n), belief.plan)
+        action = action + noise * jax.random.normal(k_noise, action.shape)
+        action = jnp.clip(action, -1.0, 1.0)
+        return action, Belief(state, action, mean)
+
+    return jax.jit(policy)
+
+
+@partial(jax.jit, static_argnums=(1, 5))
+def openloop_video(params, cfg: ModelConfig, obs: jax.Array, action: jax.Array, key: jax.Array,
+                   context: int) -> jax.Array:
+    """Frames (T, 64, 3 * 64, 3) uint8: truth | model | error, for obs (T, 64, 64, 3) uint8, action (T, A).
+
+    The first `context` frames are posterior reconstructions; the rest are open-loop prior predictions
+    from the last context state under the true actions.
+    """
+    k_obs, k_img = jax.random.split(key)
+    x = networks.preprocess(obs, None, cfg.bit_depth)
+    e = networks.encode(params, cfg, x[:context])
+    states, _, _ = rssm.observe(params, cfg, e, action[:context], k_obs)
+    last = jax.tree.map(lambda v: v[-1], states)
+    imagined, _ = rssm.imagine(params, cfg, last, action[context:], k_img)
+    feats = jnp.concatenate([rssm.features(states), rssm.features(imagined)])
+    model = networks.decode(params, cfg, feats)
+    error = (model - x) / 2.0
+    return networks.postprocess(jnp.concatenate([x, jnp.clip(model, -0.5, 0.5), error], axis=2))

@@ -1,0 +1,310 @@
+"""PlaNet's Algorithm 1 as a Python driver around the jitted pieces.
+
+Seed episodes with random actions, then repeat: C training steps on chunks from the replay, one
+episode collected with the planner plus exploration noise, and every few episodes a noise-free test
+episode with videos. Everything a run needs to resume lives in its folder:
+
+  config.json, run.json     the configuration and the task
+  episodes/*.npz            every collected episode (the replay)
+  checkpoints/<episode>/    train state, RNG key and counters (orbax)
+  metrics.jsonl             one JSON object per episode; tensorboard/ holds the same scalars
+  videos/                   test episodes and open-loop predictions (truth | model | error)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from planet_jax import agent, checkpoint, config, envs, learner, logger, replay
+from planet_jax.objective import Batch
+
+OPENLOOP_CONTEXT = 5
+OPENLOOP_LENGTH = 50
+
+
+class RunError(Exception):
+    """A problem with the user's input or the run folder, reported in one line (exit code 2)."""
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the loop checks it between steps so it never stops inside a jitted call.
+
+    A second Ctrl-C while the flag is set stops at once.
+    """
+
+    def __init__(self):
+        self.signal_name = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    def __bool__(self):
+        return self.signal_name is not None
+
+
+def prepare_logdir(logdir: Path, cfg: config.Config, env_name: str, seed: int) -> config.Config:
+    """Creates or checks the run folder; returns the config to use (the stored one when resuming)."""
+    try:
+        logdir.mkdir(parents=True, exist_ok=True)
+        probe = logdir / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise RunError(f"cannot write to logdir {logdir}: {err.strerror or err}") from None
+    run_file, cfg_file = logdir / "run.json", logdir / "config.json"
+    if run_file.exists():
+        try:
+            run = json.loads(run_file.read_text())
+            stored = config.from_dict(json.loads(cfg_file.read_text()))
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            raise RunError(f"{logdir} holds a run whose run.json/config.json cannot be read ({err}); "
+                           "use another --logdir") from None
+        if run.get("env") != env_name or run.get("seed") != seed:
+            raise RunError(f"{logdir} holds a run of env {run.get('env')} seed {run.get('seed')}, "
+                           f"not {env_name} seed {seed}; use another --logdir")
+        differences = [
+            f"{section}.{name} ({old!r} stored, {new!r} asked)"
+            for section, fields in config.to_dict(stored).items()
+            for name, old in fields.items()
+            if (section, name) != ("train", "episodes") and config.to_dict(cfg)[section][name] != old]
+        if differences:
+            raise RunError(f"{logdir} holds a run with another config: {', '.join(differences[:3])}; "
+                           "resume with the same flags or use another --logdir")
+        # The total episode count may be raised to extend a finished run.
+        return dataclasses.replace(stored, train=cfg.train)
+    cfg_file.write_text(json.dumps(config.to_dict(cfg), indent=2))
+    run_file.write_text(json.dumps({"env": env_name, "seed": seed}))
+    return cfg
+
+
+def run_episode(env: envs.PixelEnv, act: Callable[[np.ndarray], np.ndarray], stop: StopFlag | None = None
+                ) -> tuple[dict[str, np.ndarray] | None, dict[str, float]]:
+    """Steps one episode with `act(obs) -> action`; returns the episode (None if stopped) and timings."""
+    obs = env.reset()
+    frames, actions, rewards = [obs], [np.zeros(env.action_dim, np.float32)], [0.0]
+    act_time = env_time = 0.0
+    done = False
+    while not done:
+        if stop:
+            return None, {}
+        t0 = time.perf_counter()
+        action = np.asarray(act(obs), np.float32)
+        t1 = time.perf_counter()
+        obs, reward, done = env.step(action)
+        env_time += time.perf_counter() - t1
+        act_time += t1 - t0
+        frames.append(obs)
+        actions.append(action)
+        rewards.append(reward)
+    episode = {"obs": np.stack(frames), "action": np.stack(actions),
+               "reward": np.asarray(rewards, np.float32)}
+    return episode, {"return": float(np.sum(rewards)), "act_seconds": act_time, "env_seconds": env_time}
+
+
+class PlannerActor:
+    """Wraps the jitted policy for one environment: keeps the belief between steps."""
+
+    def __init__(self, policy, cfg: config.Config, action_dim: int):
+        self._policy, self._cfg, self._action_dim = policy, cfg, action_dim
+
+    def start(self, params, key: jax.Array, noise: float) -> Callable[[np.ndarray], np.ndarray]:
+        state = {"belief": agent.initial_belief(self._cfg, 1, self._action_dim), "t": 0}
+
+        def act(obs: np.ndarray) -> np.ndarray:
+            step_key = jax.random.fold_in(key, state["t"])
+            action, state["belief"] = self._policy(params, state["belief"], obs[None], step_key,
+                                                   jnp.float32(noise))
+            state["t"] += 1
+            return np.asarray(action[0])
+
+        return act
+
+
+def train(cfg: config.Config, env_name: str, logdir: str | Path, seed: int = 0,
+          progress: bool = True) -> dict[str, Any]:
+    """Runs (or resumes) training in `logdir`; returns the last record written."""
+    cfg.validate()
+    logdir = Path(logdir)
+    env = envs.make_env(env_name, seed, cfg.train.action_repeat, cfg.train.episode_steps)
+    if cfg.train.chunk_length > env.max_agent_steps + 1:
+        raise RunError(f"train.chunk_length ({cfg.train.chunk_length}) is longer than an episode of "
+                       f"{env_name} ({env.max_agent_steps + 1} frames at action repeat {env.action_repeat})")
+    cfg = prepare_logdir(logdir, cfg, env_name, seed)
+    tc = cfg.train
+    memory = replay.Replay(logdir / "episodes", seed)
+    memory.load()
+    ckpt = checkpoint.Checkpointer(logdir / "checkpoints")
+    state = learner.init_train_state(cfg, env.action_dim, jax.random.PRNGKey(seed))
+    key = jax.random.PRNGKey(seed + 1)
+    counters = {"updates": 0, "wall_time": 0.0}
+    if ckpt.latest_step() is not None:
+        try:
+            restored, meta = ckpt.restore({"train": state, "key": key})
+        except checkpoint.CheckpointError as err:
+            raise RunError(str(err)) from None
+        state, key = restored["train"], restored["key"]
+        counters = {"updates": meta["updates"], "wall_time": meta["wall_time"]}
+        memory.load_state_dict(meta["replay_rng"])
+
+    train_step = learner.make_train_step(cfg)
+    actor = PlannerActor(agent.make_policy(cfg, env.action_dim), cfg, env.action_dim)
+    log = logger.Logger(logdir)
+    (logdir / "videos").mkdir(exist_ok=True)
+    rng = np.random.default_rng([seed, memory.num_episodes])
+    start_time = time.time()
+    record: dict[str, Any] = {}
+
+    saved = {"at": None}
+
+    def save():
+        if saved["at"] == (memory.num_episodes, counters["updates"]):
+            return
+        saved["at"] = (memory.num_episodes, counters["updates"])
+        meta = {"episode": memory.num_episodes, "updates": counters["updates"],
+                "env_steps": memory.num_steps * env.action_repeat,
+                "wall_time": counters["wall_time"] + time.time() - start_time,
+                "replay_rng": memory.state_dict()}
+        ckpt.save(memory.num_episodes, {"train": state, "key": key}, meta)
+
+    bar = tqdm(total=tc.episodes, initial=min(memory.num_episodes, tc.episodes), unit="ep",
+               disable=not progress, dynamic_ncols=True)
+    stop = StopFlag()
+    try:
+        with stop:
+            while memory.num_episodes < tc.episodes and not stop:
+                t_start = time.perf_counter()
+                record = {}
+                if memory.num_episodes < tc.seed_episodes:
+                    act = lambda obs: rng.uniform(-1, 1, env.action_dim)
+                else:
+                    metrics = []
+                    for _ in range(tc.collect_interval):
+                        if stop:
+                            break
+                        batch = Batch(**{k: jnp.asarray(v) for k, v in
+                                         memory.sample(tc.batch_size, tc.chunk_length).items()})
+                        key, k_train = jax.random.split(key)
+                        state, m = train_step(state, batch, k_train)
+                        metrics.append(m)
+                        counters["updates"] += 1
+                    if stop:
+                        break
+                    metrics = jax.device_get(metrics)
+                    record.update({k: np.mean([m[k] for m in metrics], 0) for k in metrics[0]})
+                    record["train_seconds"] = time.perf_counter() - t_start
+                    key, k_act = jax.random.split(key)
+                    act = actor.start(state.params, k_act, tc.expl_noise)
+                episode, timing = run_episode(env, act, stop)
+                if episode is None:
+                    break
+                memory.add(episode)
+                record.update({"episode": memory.num_episodes, "train_return": timing["return"],
+                               "act_seconds": timing["act_seconds"], "env_seconds": timing["env_seconds"]})
+                collected = memory.num_episodes - tc.seed_episodes
+                if collected > 0 and collected % tc.test_every == 0:
+                    key, k_test = jax.random.split(key)
+                    record.update(test_episode(cfg, env, actor, state.params, k_test, logdir / "videos",
+                                               memory.num_episodes, stop))
+                elapsed = time.perf_counter() - t_start
+                record.update({"env_steps": memory.num_steps * env.action_repeat,
+                               "updates": counters["updates"],
+                               "wall_time": counters["wall_time"] + time.time() - start_time,
+                               "steps_per_second": (len(episode["reward"]) - 1) * env.action_repeat / elapsed})
+                log.write(record)
+                bar.update(1)
+                bar.set_postfix({k: round(float(record[k]), 1) for k in
+                                 ("train_return", "test_return", "steps_per_second") if k in record})
+                if memory.num_episodes % tc.checkpoint_every == 0:
+                    save()
+            save()
+    finally:
+        bar.close()
+        log.close()
+        ckpt.close()
+        env.close()
+    if stop:
+        print(f"stopped by {stop.signal_name}: saved a checkpoint after {memory.num_episodes} episodes "
+              f"in {logdir}; run the same command to resume")
+    return record
+
+
+def test_episode(cfg: config.Config, env: envs.PixelEnv, actor: PlannerActor, params, key: jax.Array,
+                 video_dir: Path, episode_index: int, stop: StopFlag | None = None) -> dict[str, float]:
+    """One noise-free episode; writes its video and the open-loop prediction video."""
+    k_act, k_video = jax.random.split(key)
+    episode, timing = run_episode(env, actor.start(params, k_act, 0.0), stop)
+    if episode is None:
+        return {}
+    logger.write_video(video_dir / f"test_{episode_index:06d}.mp4", episode["obs"])
+    length = min(OPENLOOP_LENGTH, len(episode["action"]))
+    if length > OPENLOOP_CONTEXT:
+        frames = agent.openloop_video(params, cfg.model, jnp.asarray(episode["obs"][:length]),
+                                      jnp.asarray(episode["action"][:length]), k_video, OPENLOOP_CONTEXT)
+        logger.write_video(video_dir / f"openloop_{episode_index:06d}.mp4", np.asarray(frames), fps=10)
+    return {"test_return": timing["return"]}
+
+
+def load_run(logdir: str | Path) -> tuple[config.Config, str, int]:
+    """(config, env name, seed) of an existing run folder."""
+    logdir = Path(logdir)
+    try:
+        run = json.loads((logdir / "run.json").read_text())
+        cfg = config.from_dict(json.loads((logdir / "config.json").read_text()))
+        return cfg, run["env"], int(run["seed"])
+    except FileNotFoundError:
+        raise RunError(f"{logdir} is not a planet_jax run folder (no run.json/config.json)") from None
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise RunError(f"cannot read the run in {logdir}: {err}") from None
+
+
+def evaluate(logdir: str | Path, episodes: int, seed: int = 12345) -> list[float]:
+    """Runs noise-free episodes with the last checkpoint; writes videos/eval_*.mp4; returns the returns."""
+    if episodes <= 0:
+        raise ValueError(f"--episodes must be positive, got {episodes}")
+    logdir = Path(logdir)
+    cfg, env_name, _ = load_run(logdir)
+    env = envs.make_env(env_name, seed, cfg.train.action_repeat, cfg.train.episode_steps)
+    ckpt = checkpoint.Checkpointer(logdir / "checkpoints")
+    try:
+        if ckpt.latest_step() is None:
+            raise RunError(f"{logdir} has no checkpoint yet")
+        template = {"train": learner.init_train_state(cfg, env.action_dim, jax.random.PRNGKey(0)),
+                    "key": jax.random.PRNGKey(0)}
+        try:
+            restored, _ = ckpt.restore(template)
+        except checkpoint.CheckpointError as err:
+            raise RunError(str(err)) from None
+        params = restored["train"].params
+        actor = PlannerActor(agent.make_policy(cfg, env.action_dim), cfg, env.action_dim)
+        (logdir / "videos").mkdir(exist_ok=True)
+        returns = []
+        for i, key in enumerate(jax.random.split(jax.random.PRNGKey(seed), episodes)):
+            episode, timing = run_episode(env, actor.start(params, key, 0.0))
+            logger.write_video(logdir / "videos" / f"eval_{i:03d}.mp4", episode["obs"])
+            returns.append(timing["return"])
+        return returns
+    finally:
+        ckpt.close()
+        env.close()
