@@ -1,0 +1,197 @@
+"""Speed of the training step and the planner, optionally side by side with the PyTorch reference.
+
+  python -m experiments.benchmark                      # all measurements, planet_jax only
+  python -m experiments.benchmark --compare-torch      # alternate with ../shared/bench/torch_reference.py
+  python -m experiments.benchmark --only train plan_1 --iters 5
+
+Prints one JSON line per measurement: median/min/max seconds over --iters calls after warm-up,
+compile time, the analytic GFLOP of one call (matmuls and convolutions, forward and backward), the
+achieved GFLOP/s and the peak resident memory of the process that ran it. Each measurement runs in
+its own process so that its peak memory is its own. With --compare-torch the reference runs in the
+same invocation, alternating with planet_jax, with THP_MEM_ALLOC_ENABLE=1, and a ratio line
+(planet_jax / reference) follows each pair.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MEASUREMENTS = {
+    # name: (preset, kind, overshooting distance, planning batch, torch arguments)
+    "train": ("paper", "train", 1, 0, ["--mode", "train"]),
+    "train_os50": ("paper", "train", 50, 0, ["--mode", "train_os", "--os-padded"]),
+    "plan_1": ("paper", "plan", 1, 1, ["--mode", "plan", "--plan-batch", "1"]),
+    "plan_8": ("paper", "plan", 1, 8, ["--mode", "plan", "--plan-batch", "8"]),
+    "tiny_train": ("tiny", "train", 1, 0, None),
+    "tiny_plan_1": ("tiny", "plan", 1, 1, None),
+}
+ACTION_DIM = 6  # walker, as in the reference
+TORCH_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "bench" / "torch_reference.py"
+
+
+def _conv_flops(size_in: int, size_out: int, k: int, c_in: int, c_out: int, transposed: bool) -> int:
+    """2 * multiply-adds of one image through a square conv (VALID); transposed convs scatter inputs."""
+    positions = size_in * size_in if transposed else size_out * size_out
+    return 2 * positions * k * k * c_in * c_out
+
+
+def model_flops(cfg, action_dim: int) -> dict[str, int]:
+    """Forward FLOPs (2 * multiply-adds of matmuls and convolutions) per image / per latent step."""
+    m = cfg.model
+    d = m.cnn_depth
+    encoder = sum(_conv_flops(0, o, 4, ci, co, False) for o, ci, co in
+                  ((31, 3, d), (14, d, 2 * d), (6, 2 * d, 4 * d), (2, 4 * d, 8 * d)))
+    decoder = 2 * m.feature_size * 32 * d + sum(
+        _conv_flops(i, 0, k, ci, co, True) for i, k, ci, co in
+        ((1, 5, 32 * d, 4 * d), (5, 5, 4 * d, 2 * d), (13, 6, 2 * d, d), (30, 6, d, 3)))
+    gru = 2 * 3 * (m.hidden + m.h_size) * m.h_size
+    transition = 2 * (m.s_size + action_dim) * m.hidden + gru + 2 * (m.h_size * m.hidden + m.hidden * 2 * m.s_size)
+    posterior = 2 * ((m.h_size + m.embed_size) * m.hidden + m.hidden * 2 * m.s_size)
+    reward = 2 * (m.feature_size * m.reward_hidden + (m.reward_layers - 1) * m.reward_hidden ** 2
+                  + m.reward_hidden)
+    return {"encoder": encoder, "decoder": decoder, "transition": transition, "posterior": posterior,
+            "reward": reward}
+
+
+def train_gflop(cfg, action_dim: int, distance: int) -> float:
+    f = model_flops(cfg, action_dim)
+    n = cfg.train.batch_size * cfg.train.chunk_length
+    forward = n * (f["encoder"] + f["decoder"] + f["transition"] + f["posterior"] + f["reward"])
+    forward += (distance - 1) * n * f["transition"] if distance > 1 else 0
+    return 3 * forward / 1e9  # backward ~ twice the forward
+
+
+def plan_gflop(cfg, action_dim: int, batch: int) -> float:
+    f = model_flops(cfg, action_dim)
+    p = cfg.planner
+    return batch * p.iterations * p.candidates * p.horizon * (f["transition"] + f["reward"]) / 1e9
+
+
+def _timed(fn, iters: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def worker(name: str, iters: int, warmup: int) -> dict:
+    """Runs one measurement in this process and returns its JSON record."""
+    import jax
+    import jax.numpy as jnp
+
+    from planet_jax import config, learner, planner, rssm
+    from planet_jax.objective import Batch
+
+    preset, kind, distance, plan_batch, _ = MEASUREMENTS[name]
+    cfg = config.override(config.PRESETS[preset](), [f"loss.overshooting_distance={distance}"])
+    key = jax.random.PRNGKey(0)
+    if kind == "train":
+        B, T = cfg.train.batch_size, cfg.train.chunk_length
+        state = learner.init_train_state(cfg, ACTION_DIM, key)
+        batch = Batch(jax.random.randint(key, (B, T, 64, 64, 3), 0, 256).astype(jnp.uint8),
+                      jax.random.uniform(key, (B, T, ACTION_DIM), minval=-1, maxval=1),
+                      jax.random.normal(key, (B, T)))
+        step = learner.make_train_step(cfg)
+        t0 = time.perf_counter()
+        compiled = step.lower(state, batch, key).compile()
+        compile_s = time.perf_counter() - t0
+        box = {"state": state}
+
+        def call():
+            box["state"], metrics = compiled(box["state"], batch, key)
+            jax.block_until_ready(metrics["loss"])
+
+        gflop = train_gflop(cfg, ACTION_DIM, distance)
+    else:
+        params = learner.init_train_state(cfg, ACTION_DIM, key).params
+        plan = planner.make_planner(cfg.model, cfg.planner, ACTION_DIM)
+        n = plan_batch
+        state = rssm.RSSMState(jax.random.uniform(key, (n, cfg.model.h_size), minval=-1, maxval=1),
+                               jax.random.normal(key, (n, cfg.model.s_size)))
+        keys = jax.random.split(key, n)
+        t0 = time.perf_counter()
+        jax.block_until_ready(plan(params, state, keys))
+        compile_s = time.perf_counter() - t0  # first call: trace + compile + one run
+
+        def call():
+            jax.block_until_ready(plan(params, state, keys))
+
+        gflop = plan_gflop(cfg, ACTION_DIM, n)
+    times = _timed(call, iters, warmup)
+    median = statistics.median(times)
+    return {"impl": "planet_jax", "measurement": name, "median_s": round(median, 4),
+            "min_s": round(min(times), 4), "max_s": round(max(times), 4), "n": len(times),
+            "compile_s": round(compile_s, 2), "gflop": round(gflop, 2),
+            "gflops_per_s": round(gflop / median, 2),
+            "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "jax": jax.__version__, "backend": jax.default_backend()}
+
+
+def _subprocess_json(cmd: list[str], env: dict) -> dict:
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode != 0 or not lines:
+        tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"{' '.join(cmd[1:4])} failed: {tail}"}
+    return json.loads(lines[-1])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.benchmark", description=__doc__.split("\n")[0])
+    parser.add_argument("--only", nargs="+", choices=sorted(MEASUREMENTS), default=list(MEASUREMENTS))
+    parser.add_argument("--iters", type=int, default=5, help="timed calls per measurement")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls after compilation")
+    parser.add_argument("--compare-torch", action="store_true",
+                        help="also run ../shared/bench/torch_reference.py, alternating, and print ratios")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="with --compare-torch: alternate this many times per measurement")
+    parser.add_argument("--worker", choices=sorted(MEASUREMENTS), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.iters < 1 or args.warmup < 0 or args.rounds < 1:
+        parser.error("--iters and --rounds must be positive and --warmup non-negative")
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.iters, args.warmup)))
+        return 0
+    if args.compare_torch:
+        try:
+            import torch  # noqa: F401  (only the reference needs it)
+        except ImportError:
+            parser.exit(2, f"{parser.prog}: error: --compare-torch needs PyTorch (pip install torch==2.13.0)\n")
+        if not TORCH_REFERENCE.exists():
+            parser.exit(2, f"{parser.prog}: error: {TORCH_REFERENCE} not found\n")
+    env = dict(os.environ)
+    for name in args.only:
+        ours_cmd = [sys.executable, "-m", "experiments.benchmark", "--worker", name,
+                    "--iters", str(args.iters), "--warmup", str(args.warmup)]
+        torch_args = MEASUREMENTS[name][4]
+        compare = args.compare_torch and torch_args is not None
+        for _ in range(args.rounds if compare else 1):
+            ours = _subprocess_json(ours_cmd, env)
+            print(json.dumps(ours), flush=True)
+            if not compare:
+                continue
+            ref_cmd = [sys.executable, str(TORCH_REFERENCE), *torch_args, "--iters", str(args.iters),
+                       "--warmup", str(args.warmup)]
+            ref = _subprocess_json(ref_cmd, {**env, "THP_MEM_ALLOC_ENABLE": "1"})
+            ref["measurement"] = name
+            print(json.dumps(ref), flush=True)
+            if "median_s" in ours and "median_s" in ref:
+                print(json.dumps({"ratio": name, "time_jax_over_torch": round(ours["median_s"] / ref["median_s"], 3),
+                                  "rss_jax_over_torch": round(ours["max_rss_mb"] / ref["max_rss_mb"], 3)}),
+                      flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
