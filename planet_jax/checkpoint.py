@@ -1,6 +1,7 @@
 """Checkpoints of a run with orbax: the train state, the RNG key and the loop's counters."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 # orbax logs every save at INFO level through absl; a training run only needs its own messages.
-logging.getLogger("absl").setLevel(logging.WARNING)
+_ABSL = logging.getLogger("absl")
+_ABSL.setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    """orbax also logs its own ERROR lines for the damaged files whose exception we report."""
+    level = _ABSL.level
+    _ABSL.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        _ABSL.setLevel(level)
 
 
 class CheckpointError(RuntimeError):
@@ -23,7 +36,8 @@ class Checkpointer:
     def __init__(self, directory: str | Path, keep: int = 2):
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        with _quiet_absl():  # reads every step's metadata, damaged ones included
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -44,10 +58,13 @@ class Checkpointer:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
         try:
-            restored = self._manager.restore(step, args=args)
+            with _quiet_absl():
+                restored = self._manager.restore(step, args=args)
         except Exception as err:  # orbax raises many types for missing or damaged files
+            earlier = [s for s in self._manager.all_steps() if s < step]
+            hint = (f"; move it away to resume from checkpoint {max(earlier)}" if earlier else "")
             raise CheckpointError(f"checkpoint {self.directory / str(step)} cannot be read "
-                                  f"({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+                                  f"({type(err).__name__}: {str(err).splitlines()[0][:200]}){hint}") from None
         # orbax returns plain tuples for NamedTuples (e.g. optax states): put the template's types back.
         leaves = jax.tree.leaves(restored.state)
         state = jax.tree.unflatten(jax.tree.structure(template), leaves)
