@@ -7,11 +7,12 @@ action of the final mean. The paper restarts every decision from N(0, I); option
 plan, shifted by one step, is the initial mean (`PlannerConfig.warm_start`).
 
 `make_planner(model_cfg, planner_cfg, action_dim)` returns one jitted `plan` that serves one
-environment (state.h (|h|,), one key) or N at once (state.h (N, |h|), N keys). The batch is a
-`vmap` of the single-environment plan, so each environment's candidates are always scored from its
-own state, and N environments give exactly what N separate calls with the same keys give. (The
-original TF planner tiled states (candidate, env) but reshaped actions (env, candidate), pairing
-actions with other environments' states.)
+environment (state.h (|h|,), one key) or N at once (state.h (N, |h|), N keys). The batch maps the
+single-environment plan over environments (`lax.map`, vmapped on accelerators), so each
+environment's candidates are always scored from its own state, and N environments give exactly
+what N separate calls with the same keys give. (The original TF planner tiled states
+(candidate, env) but reshaped actions (env, candidate), pairing actions with other environments'
+states.)
 """
 from __future__ import annotations
 
@@ -63,17 +64,25 @@ def _plan_one(params: Params, state: rssm.RSSMState, key: jax.Array, prev_mean: 
 def _plan(params: Params, state: rssm.RSSMState, key: jax.Array, prev_mean: jax.Array | None = None,
           *, model_cfg: ModelConfig, planner_cfg: PlannerConfig, action_dim: int
           ) -> tuple[jax.Array, jax.Array]:
-    """One decision for one environment, or a vmap of it over a leading batch axis of N."""
+    """One decision for one environment, or for each of N along a leading batch axis."""
     chex.assert_shape(state.h, (..., model_cfg.h_size))
     chex.assert_shape(state.s, state.h.shape[:-1] + (model_cfg.s_size,))
     chex.assert_rank(state.h, {1, 2})
+    batch = state.h.shape[:-1]
+    key_batch = key.shape if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key.shape[:-1]
+    if key_batch != batch:
+        raise ValueError(f"plan needs one key per environment: state batch {batch}, key {key.shape}")
     if prev_mean is not None:
-        chex.assert_shape(prev_mean, state.h.shape[:-1] + (planner_cfg.horizon, action_dim))
-    one = functools.partial(_plan_one, model_cfg=model_cfg, planner_cfg=planner_cfg,
+        chex.assert_shape(prev_mean, batch + (planner_cfg.horizon, action_dim))
+    one = functools.partial(_plan_one, params, model_cfg=model_cfg, planner_cfg=planner_cfg,
                             action_dim=action_dim)
-    if state.h.ndim == 1:
-        return one(params, state, key, prev_mean)
-    return jax.vmap(one, in_axes=(None, 0, 0, 0))(params, state, key, prev_mean)
+    if not batch:
+        return one(state, key, prev_mean)
+    # On a CPU one environment's J candidates already keep the cores busy, and planning the
+    # environments one after another keeps each one's activations in cache (about 12% less CPU
+    # time than a vmap over all 8 at the paper's sizes); an accelerator wants them all at once.
+    chunk = None if jax.default_backend() == "cpu" else batch[0]
+    return jax.lax.map(lambda x: one(*x), (state, key, prev_mean), batch_size=chunk)
 
 
 def make_planner(model_cfg: ModelConfig, planner_cfg: PlannerConfig, action_dim: int

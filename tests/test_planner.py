@@ -1,0 +1,184 @@
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from planet_jax import networks, planner, rssm
+from planet_jax.config import PlannerConfig
+from tests.conftest import ACTION_DIM, assert_trees_close, tiny_model
+from tests.test_cem import count_eqns
+
+SMALL = PlannerConfig(horizon=4, iterations=3, candidates=64, top_k=8)
+N = 3
+
+
+def random_states(cfg, key, batch=()):
+    k1, k2 = jax.random.split(key)
+    return rssm.RSSMState(jax.random.uniform(k1, batch + (cfg.h_size,), minval=-1, maxval=1),
+                          jax.random.normal(k2, batch + (cfg.s_size,)))
+
+
+def planner_params(cfg, key):
+    """The parameters the planner reads: the transition and the reward model (initialising the
+    conv encoder and decoder as well would take longer than all the planner tests on a CPU)."""
+    mods = networks.modules(cfg)
+    k_transition, k_reward = jax.random.split(key)
+    h, s, a = jnp.zeros(cfg.h_size), jnp.zeros(cfg.s_size), jnp.zeros(ACTION_DIM)
+    return {"transition": mods["transition"].init(k_transition, h, s, a)["params"],
+            "reward": mods["reward"].init(k_reward, jnp.zeros(cfg.feature_size))["params"]}
+
+
+def steering_params(cfg, template):
+    """A hand-set model whose best first action depends on the start state.
+
+    All weights zero except: the transition embeds relu(a[0]) and relu(-a[0]); the GRU's gates sit
+    at 1/2 and its candidate is tanh(2 a[0]) in unit 0, so h_1[0] = (tanh(2 a[0]) + h_0[0]) / 2;
+    the reward is -|h[0]|. The best plan sets h_1[0] = 0, i.e. a[0] = -atanh(h_0[0]) / 2: opposite
+    signs for environments that start at opposite h_0[0].
+    """
+    p = jax.tree.map(jnp.zeros_like, template)
+    t, r = p["transition"], p["reward"]
+    t["embed_sa"]["kernel"] = t["embed_sa"]["kernel"].at[cfg.s_size, 0].set(1).at[cfg.s_size, 1].set(-1)
+    t["gru"]["in"]["kernel"] = t["gru"]["in"]["kernel"].at[0, 0].set(2).at[1, 0].set(-2)
+    r["Dense_0"]["kernel"] = r["Dense_0"]["kernel"].at[0, 0].set(1).at[0, 1].set(-1)
+    r["Dense_1"]["kernel"] = r["Dense_1"]["kernel"].at[0, 0].set(1).at[1, 0].set(1)
+    r["Dense_2"]["kernel"] = r["Dense_2"]["kernel"].at[0, 0].set(-1)
+    return p
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def params(cfg):
+    return jax.jit(planner_params, static_argnums=0)(cfg, jax.random.PRNGKey(0))
+
+
+@pytest.fixture(scope="module")
+def plan(cfg):
+    return planner.make_planner(cfg, SMALL, ACTION_DIM)
+
+
+def test_each_environment_is_planned_from_its_own_state(cfg, params):
+    # The original TF planner paired one environment's candidate actions with other environments'
+    # states. Here environments 0, 2 and 1, 3 start at opposite h_0[0] and need opposite actions.
+    params = steering_params(cfg, params)
+    h0 = jnp.array([0.6, -0.6, 0.3, -0.3])
+    state = rssm.RSSMState(jnp.zeros((4, cfg.h_size)).at[:, 0].set(h0), jnp.zeros((4, cfg.s_size)))
+    cfg_plan = PlannerConfig(horizon=3, iterations=5, candidates=200, top_k=20)
+    plan = planner.make_planner(cfg, cfg_plan, ACTION_DIM)
+    action, _ = plan(params, state, jax.random.split(jax.random.PRNGKey(1), 4))
+    np.testing.assert_allclose(action[:, 0], -np.arctanh(h0) / 2, atol=0.03)  # reached: ~0.01
+
+
+def test_batch_equals_separate_calls_and_traces_once_per_shape(cfg, params, monkeypatch):
+    chex.clear_trace_counter()
+    monkeypatch.setattr(planner, "_plan", chex.assert_max_traces(planner._plan, n=2))
+    plan = planner.make_planner(cfg, SMALL, ACTION_DIM)
+    state = random_states(cfg, jax.random.PRNGKey(2), (N,))
+    keys = jax.random.split(jax.random.key(3), N)  # new-style typed keys work too
+    action, mean = plan(params, state, keys)
+    assert action.shape == (N, ACTION_DIM) and mean.shape == (N, SMALL.horizon, ACTION_DIM)
+    for i in range(N):  # other states and keys of the same shapes: no new trace
+        action_i, mean_i = plan(params, jax.tree.map(lambda x: x[i], state), keys[i])
+        assert action_i.shape == (ACTION_DIM,) and mean_i.shape == (SMALL.horizon, ACTION_DIM)
+        assert_trees_close((action[i], mean[i]), (action_i, mean_i), rtol=0, atol=1e-5)
+    # Distinct states and keys: a batch that mixed environments up could not pass the loop above.
+    assert not np.allclose(action[0], action[1])
+    plan(params, random_states(cfg, jax.random.PRNGKey(4), (N,)), jax.random.split(keys[0], N))
+
+
+def test_batched_warm_start_equals_separate_calls(cfg, params):
+    warm = planner.make_planner(cfg, dataclasses.replace(SMALL, warm_start=True), ACTION_DIM)
+    state = random_states(cfg, jax.random.PRNGKey(4), (N,))
+    keys = jax.random.split(jax.random.PRNGKey(5), N)
+    prev = jax.random.uniform(jax.random.PRNGKey(6), (N, SMALL.horizon, ACTION_DIM), minval=-1)
+    action, mean = warm(params, state, keys, prev)
+    for i in range(N):
+        one = warm(params, jax.tree.map(lambda x: x[i], state), keys[i], prev[i])
+        assert_trees_close((action[i], mean[i]), one, rtol=0, atol=1e-5)
+
+
+def test_accelerator_batch_path_equals_cpu_path(cfg, params, plan, monkeypatch):
+    # On a CPU the environments are planned one after another; elsewhere vmapped. Same results.
+    state = random_states(cfg, jax.random.PRNGKey(12), (N,))
+    keys = jax.random.split(jax.random.PRNGKey(13), N)
+    sequential = plan(params, state, keys)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    vmapped = planner.make_planner(cfg, SMALL, ACTION_DIM)(params, state, keys)
+    assert_trees_close(vmapped, sequential, rtol=0, atol=1e-5)
+
+
+def test_fixed_key_same_action_and_actions_inside_bounds(cfg, params, plan):
+    # Scaled-up weights give large predicted returns that push plans toward the bounds.
+    loud = jax.tree.map(lambda x: 4.0 * x, params)
+    state = random_states(cfg, jax.random.PRNGKey(7))
+    a1, m1 = plan(loud, state, jax.random.PRNGKey(8))
+    a2, m2 = plan(loud, state, jax.random.PRNGKey(8))
+    a3, _ = plan(loud, state, jax.random.PRNGKey(9))
+    np.testing.assert_array_equal(a1, a2)
+    np.testing.assert_array_equal(m1, m2)
+    assert not np.array_equal(a1, a3)
+    np.testing.assert_array_equal(a1, m1[0])  # act with the first action of the final mean
+    for x in (a1, m1, a3):
+        assert np.all(np.abs(np.asarray(x)) <= 1.0)
+    assert np.max(np.abs(np.asarray(m1))) > 0.5  # the bounds were binding somewhere
+
+
+def test_one_key_per_environment(cfg, params, plan):
+    state = random_states(cfg, jax.random.PRNGKey(0), (N,))
+    with pytest.raises(ValueError, match="one key per environment"):
+        plan(params, state, jax.random.PRNGKey(1))
+
+
+def test_program_size_does_not_grow_with_horizon_or_iterations(cfg, params):
+    def size(horizon, iterations):
+        plan = planner.make_planner(
+            cfg, PlannerConfig(horizon=horizon, iterations=iterations, candidates=16, top_k=4),
+            ACTION_DIM)
+        state = random_states(cfg, jax.random.PRNGKey(0))
+        return count_eqns(jax.make_jaxpr(plan)(params, state, jax.random.PRNGKey(1)).jaxpr)
+
+    assert size(2, 2) == size(12, 2) == size(2, 10)
+
+
+def test_shift_plan():
+    mean = jnp.arange(12.0).reshape(1, 3, 4) + 1  # (N=1, H=3, A=4)
+    expected = jnp.array([[[5.0, 6, 7, 8], [9, 10, 11, 12], [0, 0, 0, 0]]])
+    np.testing.assert_array_equal(planner.shift_plan(mean), expected)
+    np.testing.assert_array_equal(planner.shift_plan(mean[0]), expected[0])
+
+
+@pytest.mark.parametrize("warm_start", [False, True])
+def test_warm_start_sets_the_initial_mean(cfg, params, warm_start):
+    # With zero CEM iterations the plan is the initial mean itself.
+    cfg_plan = PlannerConfig(horizon=3, iterations=0, candidates=8, top_k=2, warm_start=warm_start)
+    plan = planner.make_planner(cfg, cfg_plan, ACTION_DIM)
+    prev = jax.random.uniform(jax.random.PRNGKey(0), (N, 3, ACTION_DIM), minval=-1)
+    state = random_states(cfg, jax.random.PRNGKey(1), (N,))
+    action, mean = plan(params, state, jax.random.split(jax.random.PRNGKey(2), N), prev)
+    expected = planner.shift_plan(prev) if warm_start else jnp.zeros_like(prev)
+    np.testing.assert_array_equal(mean, expected)
+    np.testing.assert_array_equal(action, expected[:, 0])
+    _, cold = plan(params, state, jax.random.split(jax.random.PRNGKey(2), N))  # no previous plan
+    np.testing.assert_array_equal(cold, jnp.zeros_like(prev))
+
+
+def test_predicted_return_sums_rewards_of_each_candidates_rollout(cfg, params):
+    J, H = 4, 3
+    state = random_states(cfg, jax.random.PRNGKey(3))
+    actions = jax.random.uniform(jax.random.PRNGKey(4), (J, H, ACTION_DIM), minval=-1)
+    key = jax.random.PRNGKey(5)
+    returns = planner.predicted_return(params, cfg, state, actions, key)
+    assert returns.shape == (J,)
+    for j, k in enumerate(jax.random.split(key, J)):  # each candidate, step by step, imagine's keys
+        total, s = 0.0, state
+        for t, k_t in enumerate(jax.random.split(k, H)):
+            s, _ = rssm.transition_step(params, cfg, s, actions[j, t], k_t)
+            total += networks.reward(params, cfg, rssm.features(s))
+        np.testing.assert_allclose(returns[j], total, rtol=1e-5, atol=1e-5)
