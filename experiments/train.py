@@ -3,8 +3,11 @@
   python -m experiments.train --env walker_walk
   python -m experiments.train --env cartpole_swingup --preset tiny --logdir /tmp/run
   python -m experiments.train --env cheetah_run --set loss.overshooting_distance=50 --set planner.candidates=500
+  python -m experiments.train --env walker_walk --num-envs 4       # 4 environments collected at once
 
-Running the same command again with the same --logdir resumes the run. The logic lives in
+Running the same command again with the same --logdir resumes the run. Training uses every local
+device (data parallel; train.batch_size must be a multiple of their number). For several hosts, start
+this command once per host with --distributed (see planet_jax.parallel). The logic lives in
 planet_jax.loop; this file only parses flags.
 """
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 from experiments import cli
-from planet_jax import config, loop
+from planet_jax import config
 
 
 def main(argv=None) -> int:
@@ -24,14 +27,27 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", choices=sorted(config.PRESETS), default="paper")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override a config field, e.g. --set planner.candidates=500 (repeatable)")
+    parser.add_argument("--num-envs", type=int, default=None, metavar="N",
+                        help="environments collected at once, each in a worker process (train.num_envs)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="one process of a multi-host run: call jax.distributed.initialize() first, "
+                             "with arguments from the launcher's environment")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     with cli.usage_errors(parser):
+        if args.distributed:
+            from planet_jax import parallel
+            parallel.initialize_distributed()  # before anything else touches a device
         cfg = config.override(config.PRESETS[args.preset](), args.set)
         if args.episodes is not None:
             cfg = config.override(cfg, [f"train.episodes={args.episodes}"])
+        if args.num_envs is not None:
+            cfg = config.override(cfg, [f"train.num_envs={args.num_envs}"])
         cfg.validate()
         logdir = args.logdir or f"runs/{args.env}/{args.seed}"
+        # Imported here, not at the top: environment workers are spawned processes that re-import
+        # this module, and they need neither JAX nor the loop.
+        from planet_jax import loop
         loop.train(cfg, args.env, logdir, args.seed, progress=not args.no_progress)
     return 0
 

@@ -1,4 +1,9 @@
-"""The jitted training step: one Adam update of the world model on a batch of sequences."""
+"""The jitted training step: one Adam update of the world model on a batch of sequences.
+
+Given a device mesh (`planet_jax.parallel.make_mesh()`), the same step runs data-parallel: the batch
+is split along B over the mesh's 'data' axis, the state and key are replicated, and XLA adds the
+all-reduce of the gradients (the loss is a mean over B, so the result equals the one-device step).
+"""
 from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
@@ -7,7 +12,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from planet_jax import networks, objective
+from jax.sharding import Mesh
+
+from planet_jax import networks, objective, parallel
 from planet_jax.config import Config, OptimConfig
 from planet_jax.objective import Batch
 
@@ -29,11 +36,14 @@ def init_train_state(cfg: Config, action_dim: int, key: jax.Array) -> TrainState
     return TrainState(params, opt_state, jnp.zeros((), jnp.int32))
 
 
-def make_train_step(cfg: Config, jit: bool = True
+def make_train_step(cfg: Config, mesh: Mesh | None = None, jit: bool = True
                     ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, Any]]]:
     """Returns `train_step(state, batch, key) -> (state, metrics)`, jitted with `state` donated.
 
-    Metrics: loss, image_loss, reward_loss, kl_loss, global_kl, kl_d (D,), grad_norm.
+    With `mesh`, the jitted step expects (and returns) `state` replicated over the mesh, `batch`
+    split along B (`parallel.shard_batch`) and a replicated key (`parallel.replicate`); B must be a
+    multiple of the number of devices. Metrics: loss, image_loss, reward_loss, kl_loss, global_kl,
+    kl_d (D,), grad_norm, all replicated.
     """
     optimizer = make_optimizer(cfg.optim)
 
@@ -45,4 +55,11 @@ def make_train_step(cfg: Config, jit: bool = True
         metrics["grad_norm"] = optax.tree.norm(grads)
         return TrainState(params, opt_state, state.step + 1), metrics
 
-    return jax.jit(train_step, donate_argnums=0) if jit else train_step
+    if not jit:
+        return train_step
+    if mesh is None:
+        return jax.jit(train_step, donate_argnums=0)
+    state_sharding, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    return jax.jit(train_step, donate_argnums=0,
+                   in_shardings=(state_sharding, batch_sharding, state_sharding),
+                   out_shardings=(state_sharding, state_sharding))

@@ -1,13 +1,17 @@
 """PlaNet's Algorithm 1 as a Python driver around the jitted pieces.
 
 Seed episodes with random actions, then repeat: C training steps on chunks from the replay, one
-episode collected with the planner plus exploration noise, and every few episodes a noise-free test
-episode with videos. Everything a run needs to resume lives in its folder:
+round of episodes collected with the planner plus exploration noise, and every few episodes a
+noise-free test episode with videos. A round is one episode, or with train.num_envs = N > 1, N
+episodes collected at once in worker processes (`planet_jax.vec_env`) with one batched planner call
+per step; C stays the number of updates per round. Training runs data-parallel over every device
+(`planet_jax.parallel`); with one device the mesh has one device and the code path is the same.
+Everything a run needs to resume lives in its folder:
 
   config.json, run.json     the configuration and the task
   episodes/*.npz            every collected episode (the replay)
   checkpoints/<episode>/    train state, RNG key and counters (orbax)
-  metrics.jsonl             one JSON object per episode; tensorboard/ holds the same scalars
+  metrics.jsonl             one JSON object per round; tensorboard/ holds the same scalars
   videos/                   test episodes and open-loop predictions (truth | model | error)
 """
 from __future__ import annotations
@@ -25,11 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from planet_jax import agent, checkpoint, config, envs, learner, logger, replay
+from planet_jax import agent, checkpoint, config, envs, learner, logger, parallel, replay, vec_env
 from planet_jax.objective import Batch
 
 OPENLOOP_CONTEXT = 5
 OPENLOOP_LENGTH = 50
+# Settings a resumed run may change: neither alters what the stored model and replay mean.
+RESUMABLE_CHANGES = (("train", "episodes"), ("train", "num_envs"))
 
 
 class RunError(Exception):
@@ -84,15 +90,16 @@ def prepare_logdir(logdir: Path, cfg: config.Config, env_name: str, seed: int) -
         if run.get("env") != env_name or run.get("seed") != seed:
             raise RunError(f"{logdir} holds a run of env {run.get('env')} seed {run.get('seed')}, "
                            f"not {env_name} seed {seed}; use another --logdir")
+        asked = config.to_dict(cfg)
         differences = [
-            f"{section}.{name} ({old!r} stored, {new!r} asked)"
+            f"{section}.{name} ({old!r} stored, {asked[section][name]!r} asked)"
             for section, fields in config.to_dict(stored).items()
             for name, old in fields.items()
-            if (section, name) != ("train", "episodes") and config.to_dict(cfg)[section][name] != old]
+            if (section, name) not in RESUMABLE_CHANGES and asked[section][name] != old]
         if differences:
             raise RunError(f"{logdir} holds a run with another config: {', '.join(differences[:3])}; "
                            "resume with the same flags or use another --logdir")
-        # The total episode count may be raised to extend a finished run.
+        # The total episode count may be raised to extend a finished run, and num_envs changed.
         return dataclasses.replace(stored, train=cfg.train)
     cfg_file.write_text(json.dumps(config.to_dict(cfg), indent=2))
     run_file.write_text(json.dumps({"env": env_name, "seed": seed}))
@@ -124,36 +131,84 @@ def run_episode(env: envs.PixelEnv, act: Callable[[np.ndarray], np.ndarray], sto
 
 
 class PlannerActor:
-    """Wraps the jitted policy for one environment: keeps the belief between steps."""
+    """Wraps the jitted policy: keeps the belief of N environments between steps."""
 
     def __init__(self, policy, cfg: config.Config, action_dim: int):
         self._policy, self._cfg, self._action_dim = policy, cfg, action_dim
 
-    def start(self, params, key: jax.Array, noise: float) -> Callable[[np.ndarray], np.ndarray]:
-        state = {"belief": agent.initial_belief(self._cfg, 1, self._action_dim), "t": 0}
+    def start_batch(self, params, key: jax.Array, noise: float, num_envs: int
+                    ) -> Callable[[np.ndarray], np.ndarray]:
+        """act(obs uint8 (N, 64, 64, 3)) -> actions (N, A): one policy call for all N environments."""
+        state = {"belief": agent.initial_belief(self._cfg, num_envs, self._action_dim), "t": 0}
 
         def act(obs: np.ndarray) -> np.ndarray:
             step_key = jax.random.fold_in(key, state["t"])
-            action, state["belief"] = self._policy(params, state["belief"], obs[None], step_key,
+            action, state["belief"] = self._policy(params, state["belief"], obs, step_key,
                                                    jnp.float32(noise))
             state["t"] += 1
-            return np.asarray(action[0])
+            return np.asarray(action)
 
         return act
+
+    def start(self, params, key: jax.Array, noise: float) -> Callable[[np.ndarray], np.ndarray]:
+        """act(obs uint8 (64, 64, 3)) -> action (A,) for one environment."""
+        act = self.start_batch(params, key, noise, 1)
+        return lambda obs: act(obs[None])[0]
+
+
+def collect(env: envs.PixelEnv, venv: vec_env.VecEnv | None, act: Callable[[np.ndarray], np.ndarray],
+            first_index: int, count: int, seed: int, stop: StopFlag | None = None
+            ) -> tuple[list[dict[str, np.ndarray]] | None, dict[str, Any]]:
+    """One round: `count` episodes with `act(obs (N, 64, 64, 3)) -> (N, A)`.
+
+    Without `venv` (num_envs = 1) the in-process `env` plays one episode, continuing its own seed's
+    stream. With `venv`, environment i plays episode first_index + i from
+    `vec_env.episode_seed(seed, first_index + i)`. Returns (episodes or None if stopped, timings
+    with the list of returns).
+    """
+    if venv is None:
+        episode, timing = run_episode(env, lambda obs: act(obs[None])[0], stop)
+        if episode is None:
+            return None, {}
+        return [episode], {"returns": [timing["return"]], "act_seconds": timing["act_seconds"],
+                           "env_seconds": timing["env_seconds"]}
+    seeds = [vec_env.episode_seed(seed, first_index + i) for i in range(count)]
+    return vec_env.run_episodes(venv, act, seeds, stop)
+
+
+def _crossed(before: int, after: int, every: int) -> bool:
+    """Whether a multiple of `every` lies in (before, after]: 'every k episodes' when a round adds several."""
+    return max(after, 0) // every > max(before, 0) // every
 
 
 def train(cfg: config.Config, env_name: str, logdir: str | Path, seed: int = 0,
           progress: bool = True) -> dict[str, Any]:
-    """Runs (or resumes) training in `logdir`; returns the last record written."""
+    """Runs (or resumes) training in `logdir`; returns the last record written.
+
+    Several processes (after `parallel.initialize_distributed()`) each run this function: they train
+    one model together, each collecting into its own replay; only process 0 writes run files, logs
+    and videos.
+    """
     cfg.validate()
     logdir = Path(logdir)
+    mesh = parallel.make_mesh()
+    try:
+        parallel.check_batch_size(cfg.train.batch_size, mesh)
+    except ValueError as err:
+        raise RunError(str(err)) from None
     env = envs.make_env(env_name, seed, cfg.train.action_repeat, cfg.train.episode_steps)
     if cfg.train.chunk_length > env.max_agent_steps + 1:
+        env.close()
         raise RunError(f"train.chunk_length ({cfg.train.chunk_length}) is longer than an episode of "
                        f"{env_name} ({env.max_agent_steps + 1} frames at action repeat {env.action_repeat})")
-    cfg = prepare_logdir(logdir, cfg, env_name, seed)
+    primary = parallel.is_primary()
+    if primary:
+        cfg = prepare_logdir(logdir, cfg, env_name, seed)
     tc = cfg.train
-    memory = replay.Replay(logdir / "episodes", seed)
+    # Each process collects its own episodes; process 0's are the run's episodes/ folder.
+    local_seed = parallel.process_seed(seed)
+    replay_dir = logdir / "episodes" if primary else logdir / "episodes" / f"process_{jax.process_index():03d}"
+    memory = replay.Replay(replay_dir, local_seed)
     memory.load()
     ckpt = checkpoint.Checkpointer(logdir / "checkpoints")
     state = learner.init_train_state(cfg, env.action_dim, jax.random.PRNGKey(seed))
@@ -167,12 +222,14 @@ def train(cfg: config.Config, env_name: str, logdir: str | Path, seed: int = 0,
         state, key = restored["train"], restored["key"]
         counters = {"updates": meta["updates"], "wall_time": meta["wall_time"]}
         memory.load_state_dict(meta["replay_rng"])
+    state = parallel.replicate(state, mesh)
 
-    train_step = learner.make_train_step(cfg)
+    train_step = learner.make_train_step(cfg, mesh)
     actor = PlannerActor(agent.make_policy(cfg, env.action_dim), cfg, env.action_dim)
-    log = logger.Logger(logdir)
-    (logdir / "videos").mkdir(exist_ok=True)
-    rng = np.random.default_rng([seed, memory.num_episodes])
+    log = logger.Logger(logdir) if primary else None
+    if primary:
+        (logdir / "videos").mkdir(exist_ok=True)
+    rng = np.random.default_rng([local_seed, memory.num_episodes])
     start_time = time.time()
     record: dict[str, Any] = {}
 
@@ -189,24 +246,28 @@ def train(cfg: config.Config, env_name: str, logdir: str | Path, seed: int = 0,
         ckpt.save(memory.num_episodes, {"train": state, "key": key}, meta)
 
     bar = tqdm(total=tc.episodes, initial=min(memory.num_episodes, tc.episodes), unit="ep",
-               disable=not progress, dynamic_ncols=True)
+               disable=not (progress and primary), dynamic_ncols=True)
     stop = StopFlag()
+    venv = None
     try:
+        if tc.num_envs > 1:
+            venv = vec_env.VecEnv(env_name, tc.num_envs, tc.action_repeat, tc.episode_steps)
         with stop:
             while memory.num_episodes < tc.episodes and not stop:
                 t_start = time.perf_counter()
                 record = {}
-                if memory.num_episodes < tc.seed_episodes:
-                    act = lambda obs: rng.uniform(-1, 1, env.action_dim)
+                before = memory.num_episodes
+                if before < tc.seed_episodes:
+                    act = lambda obs: rng.uniform(-1, 1, (len(obs), env.action_dim))
                 else:
                     metrics = []
                     for _ in range(tc.collect_interval):
                         if stop:
                             break
-                        batch = Batch(**{k: jnp.asarray(v) for k, v in
-                                         memory.sample(tc.batch_size, tc.chunk_length).items()})
+                        local = memory.sample(parallel.local_batch_size(tc.batch_size), tc.chunk_length)
+                        batch = parallel.shard_batch(Batch(**local), mesh)
                         key, k_train = jax.random.split(key)
-                        state, m = train_step(state, batch, k_train)
+                        state, m = train_step(state, batch, parallel.replicate(k_train, mesh))
                         metrics.append(m)
                         counters["updates"] += 1
                     if stop:
@@ -215,35 +276,49 @@ def train(cfg: config.Config, env_name: str, logdir: str | Path, seed: int = 0,
                     record.update({k: np.mean([m[k] for m in metrics], 0) for k in metrics[0]})
                     record["train_seconds"] = time.perf_counter() - t_start
                     key, k_act = jax.random.split(key)
-                    act = actor.start(state.params, k_act, tc.expl_noise)
-                episode, timing = run_episode(env, act, stop)
-                if episode is None:
+                    if jax.process_count() > 1:
+                        k_act = jax.random.fold_in(k_act, jax.process_index())
+                    act = actor.start_batch(parallel.local_copy(state.params), k_act, tc.expl_noise,
+                                            tc.num_envs)
+                count = min(tc.num_envs, tc.episodes - before)
+                episodes, timing = collect(env, venv, act, before, count, local_seed, stop)
+                if episodes is None:
                     break
-                memory.add(episode)
-                record.update({"episode": memory.num_episodes, "train_return": timing["return"],
+                for episode in episodes:
+                    memory.add(episode)
+                record.update({"episode": memory.num_episodes, "train_return": float(np.mean(timing["returns"])),
                                "act_seconds": timing["act_seconds"], "env_seconds": timing["env_seconds"]})
-                collected = memory.num_episodes - tc.seed_episodes
-                if collected > 0 and collected % tc.test_every == 0:
+                if len(episodes) > 1:
+                    record["train_returns"] = timing["returns"]
+                trained = before >= tc.seed_episodes
+                if trained and _crossed(before - tc.seed_episodes, memory.num_episodes - tc.seed_episodes,
+                                        tc.test_every):
                     key, k_test = jax.random.split(key)
-                    record.update(test_episode(cfg, env, actor, state.params, k_test, logdir / "videos",
-                                               memory.num_episodes, stop))
+                    if primary:  # acting uses this process's replica only; the others go on
+                        record.update(test_episode(cfg, env, actor, parallel.local_copy(state.params),
+                                                   k_test, logdir / "videos", memory.num_episodes, stop))
                 elapsed = time.perf_counter() - t_start
+                steps = sum(len(episode["reward"]) - 1 for episode in episodes) * env.action_repeat
                 record.update({"env_steps": memory.num_steps * env.action_repeat,
                                "updates": counters["updates"],
                                "wall_time": counters["wall_time"] + time.time() - start_time,
-                               "steps_per_second": (len(episode["reward"]) - 1) * env.action_repeat / elapsed})
-                log.write(record)
-                bar.update(1)
+                               "steps_per_second": steps / elapsed})
+                if log is not None:
+                    log.write(record)
+                bar.update(len(episodes))
                 bar.set_postfix({k: round(float(record[k]), 1) for k in
                                  ("train_return", "test_return", "steps_per_second") if k in record})
-                if memory.num_episodes % tc.checkpoint_every == 0:
+                if _crossed(before, memory.num_episodes, tc.checkpoint_every):
                     save()
             save()
     finally:
         bar.close()
-        log.close()
+        if log is not None:
+            log.close()
         ckpt.close()
         env.close()
+        if venv is not None:
+            venv.close()
     if stop:
         print(f"stopped by {stop.signal_name}: saved a checkpoint after {memory.num_episodes} episodes "
               f"in {logdir}; run the same command to resume")
@@ -279,6 +354,26 @@ def load_run(logdir: str | Path) -> tuple[config.Config, str, int]:
         raise RunError(f"cannot read the run in {logdir}: {err}") from None
 
 
+def load_params(logdir: str | Path, action_dim: int):
+    """World-model parameters of the last checkpoint of the run in `logdir` (for an env with
+    `action_dim` actions); RunError if there is none or it cannot be read."""
+    logdir = Path(logdir)
+    cfg, _, _ = load_run(logdir)
+    ckpt = checkpoint.Checkpointer(logdir / "checkpoints")
+    try:
+        if ckpt.latest_step() is None:
+            raise RunError(f"{logdir} has no checkpoint yet")
+        template = {"train": learner.init_train_state(cfg, action_dim, jax.random.PRNGKey(0)),
+                    "key": jax.random.PRNGKey(0)}
+        try:
+            restored, _ = ckpt.restore(template)
+        except checkpoint.CheckpointError as err:
+            raise RunError(str(err)) from None
+        return restored["train"].params
+    finally:
+        ckpt.close()
+
+
 def evaluate(logdir: str | Path, episodes: int, seed: int = 12345) -> list[float]:
     """Runs noise-free episodes with the last checkpoint; writes videos/eval_*.mp4; returns the returns."""
     if episodes <= 0:
@@ -286,17 +381,8 @@ def evaluate(logdir: str | Path, episodes: int, seed: int = 12345) -> list[float
     logdir = Path(logdir)
     cfg, env_name, _ = load_run(logdir)
     env = envs.make_env(env_name, seed, cfg.train.action_repeat, cfg.train.episode_steps)
-    ckpt = checkpoint.Checkpointer(logdir / "checkpoints")
     try:
-        if ckpt.latest_step() is None:
-            raise RunError(f"{logdir} has no checkpoint yet")
-        template = {"train": learner.init_train_state(cfg, env.action_dim, jax.random.PRNGKey(0)),
-                    "key": jax.random.PRNGKey(0)}
-        try:
-            restored, _ = ckpt.restore(template)
-        except checkpoint.CheckpointError as err:
-            raise RunError(str(err)) from None
-        params = restored["train"].params
+        params = load_params(logdir, env.action_dim)
         actor = PlannerActor(agent.make_policy(cfg, env.action_dim), cfg, env.action_dim)
         (logdir / "videos").mkdir(exist_ok=True)
         returns = []
@@ -306,5 +392,4 @@ def evaluate(logdir: str | Path, episodes: int, seed: int = 12345) -> list[float
             returns.append(timing["return"])
         return returns
     finally:
-        ckpt.close()
         env.close()

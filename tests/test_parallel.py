@@ -1,0 +1,102 @@
+"""Data-parallel training on 4 forced host devices.
+
+XLA_FLAGS must be set before JAX starts, so every check runs in a subprocess of its own.
+"""
+import json
+import os
+import subprocess
+import sys
+
+FOUR_DEVICES = "--xla_force_host_platform_device_count=4"
+ENV = "cartpole_swingup"
+
+# Three steps of the single-device step and of the 4-device step from the same state, batches and
+# keys; prints what the test checks as one JSON line.
+SHARDED_VS_SINGLE = r"""
+import json
+import jax, numpy as np
+from planet_jax import config, learner, objective, parallel
+
+cfg = config.override(config.tiny(), ["loss.overshooting_distance=3"])
+B, T = 8, 8
+rng = np.random.default_rng(0)
+batches = [objective.Batch(rng.integers(0, 256, (B, T, 64, 64, 3), dtype=np.uint8),
+                           rng.uniform(-1, 1, (B, T, 2)).astype(np.float32),
+                           rng.normal(size=(B, T)).astype(np.float32)) for _ in range(3)]
+keys = [jax.random.PRNGKey(10 + i) for i in range(3)]
+
+def run(mesh):
+    state = learner.init_train_state(cfg, 2, jax.random.PRNGKey(0))
+    step = learner.make_train_step(cfg, mesh)
+    placed = None
+    if mesh is not None:
+        state = parallel.replicate(state, mesh)
+    for batch, key in zip(batches, keys):
+        if mesh is not None:
+            batch, key = parallel.shard_batch(batch, mesh), parallel.replicate(key, mesh)
+            placed = batch
+        state, metrics = step(state, batch, key)
+    return state, metrics, placed
+
+single, m1, _ = run(None)
+sharded, m4, batch = run(parallel.make_mesh())
+diff = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))
+                                       / (1e-3 + float(np.max(np.abs(np.asarray(a)))))),
+                    single.params, sharded.params)
+print(json.dumps({
+    "devices": len(jax.devices()),
+    "max_relative_param_diff": max(jax.tree.leaves(diff)),
+    "changed": float(np.max(np.abs(np.asarray(jax.tree.leaves(single.params)[0])
+                     - np.asarray(jax.tree.leaves(learner.init_train_state(cfg, 2, jax.random.PRNGKey(0)).params)[0])))),
+    "loss": [float(m1["loss"]), float(m4["loss"])],
+    "steps": [int(single.step), int(sharded.step)],
+    "batch_devices": sorted(d.id for d in batch.obs.sharding.device_set),
+    "shard_shapes": sorted({tuple(s.data.shape) for s in batch.obs.addressable_shards}),
+    "shard_devices": sorted(s.device.id for s in batch.obs.addressable_shards),
+    "param_devices": sorted(d.id for d in jax.tree.leaves(sharded.params)[0].sharding.device_set),
+    "param_replicated": all(l.sharding.is_fully_replicated for l in jax.tree.leaves(sharded.params)),
+}))
+"""
+
+
+def _run(args, timeout=300):
+    env = dict(os.environ, XLA_FLAGS=FOUR_DEVICES, MUJOCO_GL="egl")
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_sharded_step_matches_single_device_step():
+    result = _run(["-c", SHARDED_VS_SINGLE])
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 4
+    # The batch is split along B over all four devices, two sequences each.
+    assert out["batch_devices"] == [0, 1, 2, 3] and out["shard_devices"] == [0, 1, 2, 3]
+    assert out["shard_shapes"] == [[2, 8, 64, 64, 3]]
+    # Parameters stay replicated and equal the single-device result to float32 tolerance.
+    assert out["param_devices"] == [0, 1, 2, 3] and out["param_replicated"]
+    assert out["steps"] == [3, 3] and out["changed"] > 1e-4
+    assert out["max_relative_param_diff"] < 1e-5, out
+    assert abs(out["loss"][0] - out["loss"][1]) <= 1e-5 * abs(out["loss"][0])
+
+
+def test_batch_size_must_divide_across_devices(tmp_path):
+    result = _run(["-m", "experiments.train", "--env", ENV, "--preset", "tiny", "--logdir",
+                   str(tmp_path / "run"), "--set", "train.batch_size=6", "--no-progress"])
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    assert "train.batch_size (6) must be a multiple of the number of devices (4 cpu devices)" in error
+    assert "train.batch_size=4 or --set train.batch_size=8" in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_training_run_on_four_devices(tmp_path):
+    logdir = tmp_path / "run"
+    result = _run(["-m", "experiments.train", "--env", ENV, "--preset", "tiny", "--logdir", str(logdir),
+                   "--episodes", "3", "--no-progress"])
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["episode"] for r in records] == [1, 2, 3]
+    assert records[-1]["updates"] == 5 and "test_return" in records[-1]
+    assert (logdir / "videos" / "openloop_000003.mp4").stat().st_size > 0
+    assert (logdir / "checkpoints" / "3").is_dir()
