@@ -16,7 +16,6 @@ Everything a run needs to resume lives in its folder:
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -34,8 +33,8 @@ from planet_jax.objective import Batch
 
 OPENLOOP_CONTEXT = 5
 OPENLOOP_LENGTH = 50
-# Settings a resumed run may change: neither alters what the stored model and replay mean.
-RESUMABLE_CHANGES = (("train", "episodes"), ("train", "num_envs"))
+# Settings a resumed run may change: none alters what the stored model and replay mean.
+RESUMABLE_CHANGES = (("train", "episodes"), ("train", "num_envs"), ("model", "fast_deconv"))
 
 
 class RunError(Exception):
@@ -99,8 +98,9 @@ def prepare_logdir(logdir: Path, cfg: config.Config, env_name: str, seed: int) -
         if differences:
             raise RunError(f"{logdir} holds a run with another config: {', '.join(differences[:3])}; "
                            "resume with the same flags or use another --logdir")
-        # The total episode count may be raised to extend a finished run, and num_envs changed.
-        return dataclasses.replace(stored, train=cfg.train)
+        # Only RESUMABLE_CHANGES differ (e.g. the episode count raised to extend a finished run),
+        # so the asked config is the stored one with those changes.
+        return cfg
     cfg_file.write_text(json.dumps(config.to_dict(cfg), indent=2))
     run_file.write_text(json.dumps({"env": env_name, "seed": seed}))
     return cfg

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from planet_jax.config import ModelConfig
+from planet_jax.ops import Deconv
 
 Params = Any
 
@@ -41,12 +42,9 @@ class Decoder(nn.Module):
         x = x.reshape(x.shape[:-1] + (1, 1, 32 * self.depth))
         specs = ((4 * self.depth, 5), (2 * self.depth, 5), (self.depth, 6), (3, 6))
         for i, (channels, kernel) in enumerate(specs):
-            if self.fast:  # an exact reformulation of the stride-2 transposed conv, fast on CPU
-                from planet_jax.ops import Deconv
-                x = Deconv(channels, kernel, name=f"deconv{i}")(x)
-            else:
-                x = nn.ConvTranspose(channels, (kernel, kernel), strides=(2, 2), padding="VALID",
-                                     name=f"deconv{i}")(x)
+            # fast: an exact reformulation of the stride-2 transposed conv (planet_jax.ops); the
+            # parameters are the same either way.
+            x = Deconv(channels, kernel, fast=self.fast, name=f"deconv{i}")(x)
             if i < len(specs) - 1:
                 x = nn.relu(x)
         return x

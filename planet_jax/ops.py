@@ -1,0 +1,198 @@
+"""Stride-2 transposed convolution of the decoder, reformulated so that XLA:CPU runs it fast.
+
+XLA:CPU lowers `lax.conv_transpose` (an lhs-dilated convolution) and, worse, its gradients to slow
+generic loops; at the decoder's training batch (2500 images) the plain flax decoder's backward pass
+runs at a few GFLOP/s. `conv_transpose_s2` computes exactly what
+`flax.linen.ConvTranspose(O, (k, k), strides=(2, 2), padding='VALID')` computes, with
+ordinary stride-1 convolutions, matmuls and pads/reshapes only, in both passes:
+
+  flax's transposed conv (transpose_kernel=False) scatters each input pixel through the spatially
+  flipped kernel, y[2i + p, 2j + q] += x[i, j] @ S[p, q] with S = kernel[::-1, ::-1]. Writing
+  p = 2a + r (r in {0, 1}, a < A = ceil(k / 2)), output phase (r, s) is an ordinary correlation of
+  x with the 2x2 polyphase sub-kernels S[2a + r, 2b + s]:
+    forward   one stride-1 conv of x (padded by A - 1) with all four phases as 4 * O output
+              channels, then depth-to-space ("sub-pixel" convolution); or, where that conv would
+              mostly multiply padding (tiny inputs), one matmul x @ S followed by an overlap-add;
+    d/dx      one stride-1 VALID conv of space-to-depth(dy) with the phase kernels;
+    d/dkernel A^2 matmuls x^T @ shifted windows of space-to-depth(dy), taps past k skipped.
+Everything is pure jnp/lax, so it also runs (and differentiates) on GPU/TPU.
+
+`Deconv` is a drop-in for that flax layer: same parameter names, shapes and initialisers, so
+parameters are interchangeable between `fast=True` and `fast=False`.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_DN = ("NHWC", "HWIO", "NHWC")
+
+# Forward by matmul + overlap-add instead of the phase conv when the phase conv would do more than
+# this many times the exact multiply-adds (it pads the input by A - 1 on each side). The decoder's
+# 1x1 -> 5x5 layer (13x) uses the matmul; 5 -> 13 (2.8x) too; 13 -> 30 (1.3x) and 30 -> 64 (1.1x)
+# use the conv.
+_MAX_PHASE_CONV_WASTE = 2.0
+
+
+def _phase_taps(kernel: jax.Array) -> jax.Array:
+    """(k, k, I, O) flax kernel -> (A, 2, A, 2, I, O) scatter taps S[2a + r, 2b + s], zero past k."""
+    k = kernel.shape[0]
+    pad = 2 * ((k + 1) // 2) - k
+    s = jnp.pad(kernel[::-1, ::-1], ((0, pad), (0, pad), (0, 0), (0, 0)))
+    a = s.shape[0] // 2
+    return s.reshape((a, 2, a, 2) + kernel.shape[2:])
+
+
+def _depth_to_space(y: jax.Array, channels: int) -> jax.Array:
+    """(B, H, W, (r, s, O)) -> (B, 2H, 2W, O) with y_out[2m + r, 2n + s] = y[m, n, r, s]."""
+    b, h, w, _ = y.shape
+    y = y.reshape(b, h, w, 2, 2, channels).transpose(0, 1, 3, 2, 4, 5)
+    return y.reshape(b, 2 * h, 2 * w, channels)
+
+
+def _space_to_depth(y: jax.Array) -> jax.Array:
+    """Inverse of `_depth_to_space`: (B, 2H, 2W, O) -> (B, H, W, (r, s, O))."""
+    b, h2, w2, c = y.shape
+    y = y.reshape(b, h2 // 2, 2, w2 // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+    return y.reshape(b, h2 // 2, w2 // 2, 4 * c)
+
+
+def _out_size(n: int, k: int) -> int:
+    return 2 * (n - 1) + k
+
+
+def _phase_conv_waste(h: int, w: int, k: int) -> float:
+    """Multiply-adds of the phase-conv forward over the exact count h * w * k^2 (per I * O)."""
+    a = (k + 1) // 2
+    return 4 * a * a * (h + a - 1) * (w + a - 1) / (h * w * k * k)
+
+
+def _forward_phase_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    k, _, c_in, c_out = kernel.shape
+    taps = _phase_taps(kernel)
+    a = taps.shape[0]
+    # Output phase (r, s) at (m, n) = sum_{a, b} x[m - a, n - b] S[2a + r, 2b + s]: a correlation of
+    # x padded by A - 1 with the taps reversed along a and b.
+    w = taps[::-1, :, ::-1].transpose(0, 2, 4, 1, 3, 5).reshape(a, a, c_in, 4 * c_out)
+    xp = jnp.pad(x, ((0, 0), (a - 1, a - 1), (a - 1, a - 1), (0, 0)))
+    y = lax.conv_general_dilated(xp, w, (1, 1), "VALID", dimension_numbers=_DN)
+    y = _depth_to_space(y, c_out)
+    return y[:, :_out_size(x.shape[1], k), :_out_size(x.shape[2], k)]
+
+
+def _forward_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    k, _, c_in, c_out = kernel.shape
+    b, h, w, _ = x.shape
+    s = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(c_in, k * k * c_out)
+    cols = jnp.dot(x, s).reshape(b, h, w, k, k, c_out)       # every pixel's k x k contribution
+    # Overlap-add: tap (p, q) = (2a + r, 2b + s) of pixel (i, j) lands on phase (r, s) at (i + a, j + b).
+    a = (k + 1) // 2
+    cols = jnp.pad(cols, ((0, 0),) * 3 + ((0, 2 * a - k), (0, 2 * a - k), (0, 0)))
+    cols = cols.reshape(b, h, w, a, 2, a, 2, c_out)
+    y = sum(jnp.pad(cols[:, :, :, i, :, j], ((0, 0), (i, a - 1 - i), (j, a - 1 - j), (0, 0), (0, 0), (0, 0)))
+            for i in range(a) for j in range(a))
+    y = y.transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * (h + a - 1), 2 * (w + a - 1), c_out)
+    return y[:, :_out_size(h, k), :_out_size(w, k)]
+
+
+def _forward(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    if _phase_conv_waste(x.shape[1], x.shape[2], kernel.shape[0]) > _MAX_PHASE_CONV_WASTE:
+        return _forward_matmul(x, kernel)
+    return _forward_phase_conv(x, kernel)
+
+
+def _backward(x: jax.Array, kernel: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax.Array]:
+    k, _, c_in, c_out = kernel.shape
+    b, h, w, _ = x.shape
+    a = (k + 1) // 2
+    hp, wp = h + a - 1, w + a - 1
+    dy = jnp.pad(dy, ((0, 0), (0, 2 * hp - dy.shape[1]), (0, 2 * wp - dy.shape[2]), (0, 0)))
+    dyph = _space_to_depth(dy)                                  # (B, hp, wp, (r, s, O))
+    taps = _phase_taps(kernel)                                  # (a, r, b, s, I, O)
+    # dx[i, j] = sum_{a, b, r, s} dy[2(i + a) + r, 2(j + b) + s] S[2a + r, 2b + s]^T.
+    w_dx = taps.transpose(0, 2, 1, 3, 5, 4).reshape(a, a, 4 * c_out, c_in)
+    dx = lax.conv_general_dilated(dyph, w_dx, (1, 1), "VALID", dimension_numbers=_DN)
+    # dS[2a + r, 2b + s] = sum_{batch, i, j} x[i, j]^T dy-phase (r, s)[i + a, j + b]: one matmul per
+    # shift (a, b) over the phases whose tap exists (2a + r < k), so odd k wastes nothing.
+    xm = x.reshape(-1, c_in).T
+    dyph = dyph.reshape(b, hp, wp, 2, 2, c_out)
+    rows = []
+    for i in range(a):
+        r_n = min(2, k - 2 * i)
+        row = []
+        for j in range(a):
+            s_n = min(2, k - 2 * j)
+            win = dyph[:, i:i + h, j:j + w, :r_n, :s_n].reshape(-1, r_n * s_n * c_out)
+            g = jnp.dot(xm, win).reshape(c_in, r_n, s_n, c_out)
+            row.append(jnp.pad(g, ((0, 0), (0, 2 - r_n), (0, 2 - s_n), (0, 0))))
+        rows.append(jnp.stack(row))
+    d_taps = jnp.stack(rows)                                    # (a, b, I, r, s, O)
+    d_s = d_taps.transpose(0, 3, 1, 4, 2, 5).reshape(2 * a, 2 * a, c_in, c_out)[:k, :k]
+    return dx, d_s[::-1, ::-1]
+
+
+@jax.custom_vjp
+def _conv_transpose_s2(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return _forward(x, kernel)
+
+
+def _conv_transpose_s2_fwd(x, kernel):
+    return _forward(x, kernel), (x, kernel)
+
+
+def _conv_transpose_s2_bwd(res, dy):
+    return _backward(*res, dy)
+
+
+_conv_transpose_s2.defvjp(_conv_transpose_s2_fwd, _conv_transpose_s2_bwd)
+
+
+def conv_transpose_s2(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """Stride-2 VALID transposed conv, equal to flax's `ConvTranspose(O, (k, k), (2, 2), 'VALID')`.
+
+    x: (..., H, W, I) NHWC; kernel: (k, k, I, O) in flax's layout and convention; bias: (O,) or None.
+    Returns (..., 2(H - 1) + k, 2(W - 1) + k, O). Differentiable by reverse mode (a custom VJP that
+    is itself differentiable); forward-mode (jvp) is not defined.
+    """
+    k = kernel.shape[0]
+    if kernel.ndim != 4 or kernel.shape[1] != k or x.shape[-1] != kernel.shape[2] or k < 2:
+        # k = 1 is excluded: flax pads its output to 2H there (VALID keeps max(k, stride) per input).
+        raise ValueError(f"kernel {kernel.shape} must be (k, k, {x.shape[-1]}, O) with k >= 2")
+    lead = x.shape[:-3]
+    y = _conv_transpose_s2(x.reshape((-1,) + x.shape[-3:]), kernel)
+    y = y.reshape(lead + y.shape[1:])
+    return y if bias is None else y + bias
+
+
+def conv_transpose_s2_plain(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """The same op as flax computes it (`lax.conv_transpose`): the reference, and the GPU/TPU path
+    when XLA's own lowering is preferred."""
+    lead = x.shape[:-3]
+    y = lax.conv_transpose(x.reshape((-1,) + x.shape[-3:]), kernel, (2, 2), "VALID", dimension_numbers=_DN)
+    y = y.reshape(lead + y.shape[1:])
+    return y if bias is None else y + bias
+
+
+class Deconv(nn.Module):
+    """Stride-2 VALID transposed conv layer, a drop-in for `nn.ConvTranspose(features, (k, k),
+    strides=(2, 2), padding='VALID')`: same parameters ('kernel' (k, k, I, O), 'bias' (O,)) and
+    initialisers, so `fast=True` (`conv_transpose_s2`) and `fast=False` (flax's op) share them."""
+    features: int
+    kernel_size: int
+    fast: bool = True
+    use_bias: bool = True
+    kernel_init: Callable = nn.linear.default_kernel_init
+    bias_init: Callable = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: (..., H, W, I) -> (..., 2(H - 1) + k, 2(W - 1) + k, features)."""
+        k = self.kernel_size
+        kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)
+        return (conv_transpose_s2 if self.fast else conv_transpose_s2_plain)(x, kernel, bias)

@@ -1,0 +1,80 @@
+"""The fast stride-2 transposed convolution equals flax's ConvTranspose, values and gradients."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from planet_jax import config, networks, ops
+
+# (input size, kernel, in channels, out channels): the decoder's four layers (scaled down in
+# channels), an even and an odd kernel on small inputs, and an odd kernel of 3.
+CASES = [(1, 5, 16, 8), (5, 5, 8, 6), (13, 6, 6, 4), (30, 6, 4, 3), (3, 4, 3, 2), (2, 3, 3, 2)]
+
+
+def _flax(x, kernel, bias):
+    layer = nn.ConvTranspose(kernel.shape[-1], kernel.shape[:2], strides=(2, 2), padding="VALID")
+    return layer.apply({"params": {"kernel": kernel, "bias": bias}}, x)
+
+
+def _naive(x, kernel, bias):
+    """The definition as a scatter: y[2i + p, 2j + q] += x[i, j] @ kernel[k-1-p, k-1-q]."""
+    x, kernel = np.asarray(x, np.float64), np.asarray(kernel, np.float64)
+    b, h, w, _ = x.shape
+    k, o = kernel.shape[0], kernel.shape[-1]
+    y = np.zeros((b, 2 * (h - 1) + k, 2 * (w - 1) + k, o))
+    for i in range(h):
+        for j in range(w):
+            for p in range(k):
+                for q in range(k):
+                    y[:, 2 * i + p, 2 * j + q] += x[:, i, j] @ kernel[k - 1 - p, k - 1 - q]
+    return y + np.asarray(bias)
+
+
+@pytest.mark.parametrize("size,k,c_in,c_out", CASES)
+def test_forward_and_gradients_equal_flax(size, k, c_in, c_out):
+    kx, kk, kb, kg = jax.random.split(jax.random.PRNGKey(size * 10 + k), 4)
+    x = jax.random.normal(kx, (2, size, size, c_in))
+    kernel = jax.random.normal(kk, (k, k, c_in, c_out)) / k
+    bias = jax.random.normal(kb, (c_out,))
+    fast = ops.conv_transpose_s2(x, kernel, bias)
+    np.testing.assert_allclose(fast, _naive(x, kernel, bias), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(fast, _flax(x, kernel, bias), atol=1e-4, rtol=1e-4)
+
+    cotangent = jax.random.normal(kg, fast.shape)
+    loss = lambda fn: lambda *args: jnp.sum(fn(*args) * cotangent)
+    grads_fast = jax.grad(loss(ops.conv_transpose_s2), (0, 1, 2))(x, kernel, bias)
+    grads_flax = jax.grad(loss(_flax), (0, 1, 2))(x, kernel, bias)
+    for g_fast, g_flax in zip(grads_fast, grads_flax):
+        np.testing.assert_allclose(g_fast, g_flax, atol=1e-3, rtol=1e-4)
+
+
+def test_second_order_gradient_equals_flax():
+    """The custom VJP is itself differentiable (e.g. for gradient penalties)."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 3, 3, 2))
+    kernel = jax.random.normal(jax.random.PRNGKey(1), (5, 5, 2, 2))
+    bias = jnp.zeros(2)
+
+    def grad_of_input_grad_norm(fn):
+        input_grad = lambda w: jax.grad(lambda v: jnp.sum(jnp.sin(fn(v, w, bias))))(x)
+        return jax.grad(lambda w: jnp.sum(jnp.square(input_grad(w))))(kernel)
+
+    np.testing.assert_allclose(grad_of_input_grad_norm(ops.conv_transpose_s2),
+                               grad_of_input_grad_norm(_flax), atol=1e-3, rtol=1e-3)
+
+
+def test_decoder_fast_and_plain_share_parameters_and_agree():
+    cfg = config.tiny().model
+    params = networks.init_params(cfg, 2, jax.random.PRNGKey(0))
+    plain_cfg = config.override(config.tiny(), ["model.fast_deconv=false"]).model
+    plain_params = networks.init_params(plain_cfg, 2, jax.random.PRNGKey(0))
+    assert jax.tree.structure(params) == jax.tree.structure(plain_params)
+    feat = jax.random.normal(jax.random.PRNGKey(1), (3, cfg.feature_size))
+    np.testing.assert_allclose(networks.decode(params, cfg, feat), networks.decode(params, plain_cfg, feat),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel_shape", [(4, 4, 2, 3), (4, 3, 3, 3), (1, 1, 3, 3)])
+def test_bad_kernel_shape_is_named(kernel_shape):
+    with pytest.raises(ValueError, match="kernel"):
+        ops.conv_transpose_s2(jnp.zeros((1, 2, 2, 3)), jnp.zeros(kernel_shape))
