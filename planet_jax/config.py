@@ -34,10 +34,10 @@ class ModelConfig:
     """Floor of the Gaussian std: std = softplus(x) + min_std."""
     bit_depth: int = 5
     """Bits kept per colour channel when preprocessing images (paper: 5)."""
-    fast_deconv: bool = True
-    """Compute the decoder's stride-2 transposed convolutions by an exact sub-pixel reformulation
-    (`planet_jax.ops`; the same parameters and results to float32 rounding). False uses flax's
-    `ConvTranspose`, whose gradient is about 12x slower on a CPU at the paper's batch."""
+    fast_conv: bool = True
+    """Compute the encoder's stride-2 convolutions and the decoder's stride-2 transposed convolutions
+    by exact reformulations (`planet_jax.ops`: the same parameters, results equal to float32
+    rounding). False uses XLA's own (flax's) ops, whose gradients are slow on a CPU."""
 
     @property
     def embed_size(self) -> int:

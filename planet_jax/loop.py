@@ -34,7 +34,7 @@ from planet_jax.objective import Batch
 OPENLOOP_CONTEXT = 5
 OPENLOOP_LENGTH = 50
 # Settings a resumed run may change: none alters what the stored model and replay mean.
-RESUMABLE_CHANGES = (("train", "episodes"), ("train", "num_envs"), ("model", "fast_deconv"))
+RESUMABLE_CHANGES = (("train", "episodes"), ("train", "num_envs"), ("model", "fast_conv"))
 
 
 class RunError(Exception):

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from planet_jax.config import ModelConfig
-from planet_jax.ops import Deconv
+from planet_jax.ops import Conv, Deconv
 
 Params = Any
 
@@ -21,13 +21,14 @@ Params = Any
 class Encoder(nn.Module):
     """e_t = enc(o_t): conv 32, 64, 128, 256 (x depth/32), kernel 4, stride 2, ReLU; 64x64x3 -> |e|."""
     depth: int
+    fast: bool = True
 
     @nn.compact
     def __call__(self, o: jax.Array) -> jax.Array:
         x = o
         for i, mult in enumerate((1, 2, 4, 8)):
-            conv = nn.Conv(mult * self.depth, (4, 4), strides=(2, 2), padding="VALID", name=f"conv{i}")
-            x = nn.relu(conv(x))
+            # fast: space-to-depth and one matmul per layer (planet_jax.ops), same parameters.
+            x = nn.relu(Conv(mult * self.depth, 4, fast=self.fast, name=f"conv{i}")(x))
         return x.reshape(x.shape[:-3] + (-1,))
 
 
@@ -95,8 +96,8 @@ class Posterior(nn.Module):
 
 def modules(cfg: ModelConfig) -> dict[str, nn.Module]:
     return {
-        "encoder": Encoder(cfg.cnn_depth),
-        "decoder": Decoder(cfg.cnn_depth, fast=cfg.fast_deconv),
+        "encoder": Encoder(cfg.cnn_depth, fast=cfg.fast_conv),
+        "decoder": Decoder(cfg.cnn_depth, fast=cfg.fast_conv),
         "reward": RewardModel(cfg.reward_hidden, cfg.reward_layers),
         "transition": Transition(cfg),
         "posterior": Posterior(cfg),
@@ -123,7 +124,7 @@ def encode(params: Params, cfg: ModelConfig, o: jax.Array) -> jax.Array:
     """(..., 64, 64, 3) preprocessed images -> (..., |e|) embeddings."""
     chex.assert_shape(o, (..., 64, 64, 3))
     lead = o.shape[:-3]
-    e = Encoder(cfg.cnn_depth).apply({"params": params["encoder"]}, o.reshape((-1, 64, 64, 3)))
+    e = Encoder(cfg.cnn_depth, fast=cfg.fast_conv).apply({"params": params["encoder"]}, o.reshape((-1, 64, 64, 3)))
     return e.reshape(lead + (cfg.embed_size,))
 
 
@@ -131,7 +132,7 @@ def decode(params: Params, cfg: ModelConfig, feat: jax.Array) -> jax.Array:
     """(..., |h|+|s|) features -> (..., 64, 64, 3) mean images."""
     chex.assert_shape(feat, (..., cfg.feature_size))
     lead = feat.shape[:-1]
-    dec = Decoder(cfg.cnn_depth, fast=cfg.fast_deconv)
+    dec = Decoder(cfg.cnn_depth, fast=cfg.fast_conv)
     o = dec.apply({"params": params["decoder"]}, feat.reshape((-1, cfg.feature_size)))
     return o.reshape(lead + (64, 64, 3))
 

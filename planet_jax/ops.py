@@ -19,6 +19,12 @@ Everything is pure jnp/lax, so it also runs (and differentiates) on GPU/TPU.
 
 `Deconv` is a drop-in for that flax layer: same parameter names, shapes and initialisers, so
 parameters are interchangeable between `fast=True` and `fast=False`.
+
+The encoder's stride-2 convolutions have the same problem in their gradients (the input gradient of
+a strided conv is an lhs-dilated conv). `conv_s2` computes `flax.linen.Conv(O, (k, k), (2, 2),
+'VALID')` for even k as space-to-depth (2x2 blocks into channels), then the (k/2)^2 shifted windows
+side by side in channels (im2col) and one matmul; its gradients are pads, adds and matmuls. `Conv`
+is the matching drop-in layer.
 """
 from __future__ import annotations
 
@@ -196,3 +202,58 @@ class Deconv(nn.Module):
         bias = self.param("bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)
         return (conv_transpose_s2 if self.fast else conv_transpose_s2_plain)(x, kernel, bias)
+
+
+def _s2d_kernel(kernel: jax.Array) -> jax.Array:
+    """(k, k, I, O) -> (k/2, k/2, (r, s, I), O) with w[2i + r, 2j + s] at [i, j, (r, s)]."""
+    k, _, c_in, c_out = kernel.shape
+    a = k // 2
+    return kernel.reshape(a, 2, a, 2, c_in, c_out).transpose(0, 2, 1, 3, 4, 5).reshape(a, a, 4 * c_in, c_out)
+
+
+def conv_s2(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """Stride-2 VALID conv, equal to flax's `Conv(O, (k, k), strides=(2, 2), padding='VALID')`.
+
+    x: (..., H, W, I) NHWC; kernel: (k, k, I, O) with k even; bias: (O,) or None. Returns
+    (..., (H - k) // 2 + 1, (W - k) // 2 + 1, O). y[m, n] = sum_{p, q} x[2m + p, 2n + q] @ w[p, q]:
+    with p = 2i + r this is a stride-1 correlation of space-to-depth(x) with (k/2)^2 taps, done as
+    one matmul over the taps' windows concatenated along channels.
+    """
+    k = kernel.shape[0]
+    if kernel.ndim != 4 or kernel.shape[1] != k or x.shape[-1] != kernel.shape[2] or k % 2:
+        raise ValueError(f"kernel {kernel.shape} must be (k, k, {x.shape[-1]}, O) with k even")
+    lead = x.shape[:-3]
+    x = x.reshape((-1,) + x.shape[-3:])
+    ho, wo = (x.shape[1] - k) // 2 + 1, (x.shape[2] - k) // 2 + 1
+    a = k // 2
+    x = _space_to_depth(x[:, :2 * (ho - 1) + k, :2 * (wo - 1) + k])
+    cols = jnp.concatenate([x[:, i:i + ho, j:j + wo] for i in range(a) for j in range(a)], -1)
+    y = jnp.dot(cols, _s2d_kernel(kernel).reshape(-1, kernel.shape[-1]))
+    y = y.reshape(lead + y.shape[1:])
+    return y if bias is None else y + bias
+
+
+def conv_s2_plain(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+    """The same op as flax computes it (`lax.conv_general_dilated`): the reference."""
+    lead = x.shape[:-3]
+    y = lax.conv_general_dilated(x.reshape((-1,) + x.shape[-3:]), kernel, (2, 2), "VALID",
+                                 dimension_numbers=_DN)
+    y = y.reshape(lead + y.shape[1:])
+    return y if bias is None else y + bias
+
+
+class Conv(nn.Module):
+    """Stride-2 VALID conv layer, a drop-in for `nn.Conv(features, (k, k), strides=(2, 2),
+    padding='VALID')` (same parameters), computed by `conv_s2` when `fast`, by flax otherwise."""
+    features: int
+    kernel_size: int
+    fast: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: (..., H, W, I) -> (..., (H - k) // 2 + 1, (W - k) // 2 + 1, features)."""
+        k = self.kernel_size
+        kernel = self.param("kernel", nn.linear.default_kernel_init, (k, k, x.shape[-1], self.features),
+                            jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        return (conv_s2 if self.fast else conv_s2_plain)(x, kernel, bias)

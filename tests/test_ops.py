@@ -1,4 +1,4 @@
-"""The fast stride-2 transposed convolution equals flax's ConvTranspose, values and gradients."""
+"""The fast stride-2 convolutions equal flax's Conv and ConvTranspose, values and gradients."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -63,14 +63,57 @@ def test_second_order_gradient_equals_flax():
                                grad_of_input_grad_norm(_flax), atol=1e-3, rtol=1e-3)
 
 
-def test_decoder_fast_and_plain_share_parameters_and_agree():
+def _naive_conv(x, kernel, bias):
+    """The definition: y[m, n] = sum_{p, q} x[2m + p, 2n + q] @ kernel[p, q] + bias."""
+    x, kernel = np.asarray(x, np.float64), np.asarray(kernel, np.float64)
+    k = kernel.shape[0]
+    ho, wo = (x.shape[1] - k) // 2 + 1, (x.shape[2] - k) // 2 + 1
+    y = np.zeros((x.shape[0], ho, wo, kernel.shape[-1]))
+    for m in range(ho):
+        for n in range(wo):
+            for p in range(k):
+                for q in range(k):
+                    y[:, m, n] += x[:, 2 * m + p, 2 * n + q] @ kernel[p, q]
+    return y + np.asarray(bias)
+
+
+def _flax_conv(x, kernel, bias):
+    layer = nn.Conv(kernel.shape[-1], kernel.shape[:2], strides=(2, 2), padding="VALID")
+    return layer.apply({"params": {"kernel": kernel, "bias": bias}}, x)
+
+
+# The encoder's four layers (64 -> 31 -> 14 -> 6 -> 2, scaled down in channels), a kernel of 2 and
+# a non-square input.
+@pytest.mark.parametrize("shape,k,c_out", [((64, 64, 3), 4, 4), ((31, 31, 4), 4, 5), ((14, 14, 5), 4, 3),
+                                           ((6, 6, 3), 4, 2), ((7, 9, 2), 2, 3), ((11, 8, 2), 4, 2)])
+def test_conv_forward_and_gradients_equal_flax(shape, k, c_out):
+    kx, kk, kb, kg = jax.random.split(jax.random.PRNGKey(sum(shape) + k), 4)
+    x = jax.random.normal(kx, (2,) + shape)
+    kernel = jax.random.normal(kk, (k, k, shape[-1], c_out)) / k
+    bias = jax.random.normal(kb, (c_out,))
+    fast = ops.conv_s2(x, kernel, bias)
+    np.testing.assert_allclose(fast, _naive_conv(x, kernel, bias), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(fast, _flax_conv(x, kernel, bias), atol=1e-4, rtol=1e-4)
+
+    cotangent = jax.random.normal(kg, fast.shape)
+    loss = lambda fn: lambda *args: jnp.sum(fn(*args) * cotangent)
+    grads_fast = jax.grad(loss(ops.conv_s2), (0, 1, 2))(x, kernel, bias)
+    grads_flax = jax.grad(loss(_flax_conv), (0, 1, 2))(x, kernel, bias)
+    for g_fast, g_flax in zip(grads_fast, grads_flax):
+        np.testing.assert_allclose(g_fast, g_flax, atol=1e-3, rtol=1e-4)
+
+
+def test_networks_fast_and_plain_share_parameters_and_agree():
     cfg = config.tiny().model
     params = networks.init_params(cfg, 2, jax.random.PRNGKey(0))
-    plain_cfg = config.override(config.tiny(), ["model.fast_deconv=false"]).model
+    plain_cfg = config.override(config.tiny(), ["model.fast_conv=false"]).model
     plain_params = networks.init_params(plain_cfg, 2, jax.random.PRNGKey(0))
     assert jax.tree.structure(params) == jax.tree.structure(plain_params)
     feat = jax.random.normal(jax.random.PRNGKey(1), (3, cfg.feature_size))
     np.testing.assert_allclose(networks.decode(params, cfg, feat), networks.decode(params, plain_cfg, feat),
+                               atol=1e-5, rtol=1e-5)
+    o = jax.random.uniform(jax.random.PRNGKey(2), (3, 64, 64, 3), minval=-0.5, maxval=0.5)
+    np.testing.assert_allclose(networks.encode(params, cfg, o), networks.encode(params, plain_cfg, o),
                                atol=1e-5, rtol=1e-5)
 
 
@@ -78,3 +121,5 @@ def test_decoder_fast_and_plain_share_parameters_and_agree():
 def test_bad_kernel_shape_is_named(kernel_shape):
     with pytest.raises(ValueError, match="kernel"):
         ops.conv_transpose_s2(jnp.zeros((1, 2, 2, 3)), jnp.zeros(kernel_shape))
+    with pytest.raises(ValueError, match="kernel"):
+        ops.conv_s2(jnp.zeros((1, 8, 8, 3)), jnp.zeros(kernel_shape))
