@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+
+from planet_jax import logger
 
 LOSS_TERMS = ("image_loss", "reward_loss", "kl_loss")
 
@@ -26,12 +27,7 @@ def load_run(logdir: Path) -> tuple[str, list[dict]]:
     metrics = logdir / "metrics.jsonl"
     if not metrics.is_file():
         raise ValueError(f"{logdir} has no metrics.jsonl (is it a run folder?)")
-    records = []
-    for number, line in enumerate(metrics.read_text().splitlines(), 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a crash: the rest of the run is still good
-            print(f"warning: skipping unreadable line {number} of {metrics}", file=sys.stderr)
+    records = logger.read_metrics(metrics)
     try:
         task = json.loads((logdir / "run.json").read_text())["env"]
     except (OSError, ValueError, KeyError):
