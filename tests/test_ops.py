@@ -18,35 +18,39 @@ def _flax(x, kernel, bias):
 
 
 def _naive(x, kernel, bias):
-    """The definition as a scatter: y[2i + p, 2j + q] += x[i, j] @ kernel[k-1-p, k-1-q]."""
+    """The definition as a scatter, one tap at a time: y[2i + p, 2j + q] += x[i, j] @ kernel[k-1-p, k-1-q]."""
     x, kernel = np.asarray(x, np.float64), np.asarray(kernel, np.float64)
     b, h, w, _ = x.shape
     k, o = kernel.shape[0], kernel.shape[-1]
     y = np.zeros((b, 2 * (h - 1) + k, 2 * (w - 1) + k, o))
-    for i in range(h):
-        for j in range(w):
-            for p in range(k):
-                for q in range(k):
-                    y[:, 2 * i + p, 2 * j + q] += x[:, i, j] @ kernel[k - 1 - p, k - 1 - q]
+    for p in range(k):
+        for q in range(k):
+            y[:, p:p + 2 * h - 1:2, q:q + 2 * w - 1:2] += x @ kernel[k - 1 - p, k - 1 - q]
     return y + np.asarray(bias)
+
+
+def _check_against_references(fast_fn, naive_fn, flax_fn, x_shape, k, c_out, seed):
+    """fast_fn equals the naive loop and flax in value, and flax in every gradient."""
+    kx, kk, kb, kg = jax.random.split(jax.random.PRNGKey(seed), 4)
+    x = jax.random.normal(kx, (2,) + x_shape)
+    kernel = jax.random.normal(kk, (k, k, x_shape[-1], c_out)) / k
+    bias = jax.random.normal(kb, (c_out,))
+    fast = fast_fn(x, kernel, bias)
+    np.testing.assert_allclose(fast, naive_fn(x, kernel, bias), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(fast, flax_fn(x, kernel, bias), atol=1e-4, rtol=1e-4)
+
+    cotangent = jax.random.normal(kg, fast.shape)
+    loss = lambda fn: lambda *args: jnp.sum(fn(*args) * cotangent)
+    grads_fast = jax.grad(loss(fast_fn), (0, 1, 2))(x, kernel, bias)
+    grads_flax = jax.grad(loss(flax_fn), (0, 1, 2))(x, kernel, bias)
+    for g_fast, g_flax in zip(grads_fast, grads_flax):
+        np.testing.assert_allclose(g_fast, g_flax, atol=1e-3, rtol=1e-4)
 
 
 @pytest.mark.parametrize("size,k,c_in,c_out", CASES)
 def test_forward_and_gradients_equal_flax(size, k, c_in, c_out):
-    kx, kk, kb, kg = jax.random.split(jax.random.PRNGKey(size * 10 + k), 4)
-    x = jax.random.normal(kx, (2, size, size, c_in))
-    kernel = jax.random.normal(kk, (k, k, c_in, c_out)) / k
-    bias = jax.random.normal(kb, (c_out,))
-    fast = ops.conv_transpose_s2(x, kernel, bias)
-    np.testing.assert_allclose(fast, _naive(x, kernel, bias), atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(fast, _flax(x, kernel, bias), atol=1e-4, rtol=1e-4)
-
-    cotangent = jax.random.normal(kg, fast.shape)
-    loss = lambda fn: lambda *args: jnp.sum(fn(*args) * cotangent)
-    grads_fast = jax.grad(loss(ops.conv_transpose_s2), (0, 1, 2))(x, kernel, bias)
-    grads_flax = jax.grad(loss(_flax), (0, 1, 2))(x, kernel, bias)
-    for g_fast, g_flax in zip(grads_fast, grads_flax):
-        np.testing.assert_allclose(g_fast, g_flax, atol=1e-3, rtol=1e-4)
+    _check_against_references(ops.conv_transpose_s2, _naive, _flax, (size, size, c_in), k, c_out,
+                              seed=size * 10 + k)
 
 
 def test_second_order_gradient_equals_flax():
@@ -64,16 +68,14 @@ def test_second_order_gradient_equals_flax():
 
 
 def _naive_conv(x, kernel, bias):
-    """The definition: y[m, n] = sum_{p, q} x[2m + p, 2n + q] @ kernel[p, q] + bias."""
+    """The definition, one tap at a time: y[m, n] = sum_{p, q} x[2m + p, 2n + q] @ kernel[p, q] + bias."""
     x, kernel = np.asarray(x, np.float64), np.asarray(kernel, np.float64)
     k = kernel.shape[0]
     ho, wo = (x.shape[1] - k) // 2 + 1, (x.shape[2] - k) // 2 + 1
     y = np.zeros((x.shape[0], ho, wo, kernel.shape[-1]))
-    for m in range(ho):
-        for n in range(wo):
-            for p in range(k):
-                for q in range(k):
-                    y[:, m, n] += x[:, 2 * m + p, 2 * n + q] @ kernel[p, q]
+    for p in range(k):
+        for q in range(k):
+            y += x[:, p:p + 2 * ho - 1:2, q:q + 2 * wo - 1:2] @ kernel[p, q]
     return y + np.asarray(bias)
 
 
@@ -87,20 +89,7 @@ def _flax_conv(x, kernel, bias):
 @pytest.mark.parametrize("shape,k,c_out", [((64, 64, 3), 4, 4), ((31, 31, 4), 4, 5), ((14, 14, 5), 4, 3),
                                            ((6, 6, 3), 4, 2), ((7, 9, 2), 2, 3), ((11, 8, 2), 4, 2)])
 def test_conv_forward_and_gradients_equal_flax(shape, k, c_out):
-    kx, kk, kb, kg = jax.random.split(jax.random.PRNGKey(sum(shape) + k), 4)
-    x = jax.random.normal(kx, (2,) + shape)
-    kernel = jax.random.normal(kk, (k, k, shape[-1], c_out)) / k
-    bias = jax.random.normal(kb, (c_out,))
-    fast = ops.conv_s2(x, kernel, bias)
-    np.testing.assert_allclose(fast, _naive_conv(x, kernel, bias), atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(fast, _flax_conv(x, kernel, bias), atol=1e-4, rtol=1e-4)
-
-    cotangent = jax.random.normal(kg, fast.shape)
-    loss = lambda fn: lambda *args: jnp.sum(fn(*args) * cotangent)
-    grads_fast = jax.grad(loss(ops.conv_s2), (0, 1, 2))(x, kernel, bias)
-    grads_flax = jax.grad(loss(_flax_conv), (0, 1, 2))(x, kernel, bias)
-    for g_fast, g_flax in zip(grads_fast, grads_flax):
-        np.testing.assert_allclose(g_fast, g_flax, atol=1e-3, rtol=1e-4)
+    _check_against_references(ops.conv_s2, _naive_conv, _flax_conv, shape, k, c_out, seed=sum(shape) + k)
 
 
 def test_networks_fast_and_plain_share_parameters_and_agree():
@@ -109,12 +98,11 @@ def test_networks_fast_and_plain_share_parameters_and_agree():
     plain_cfg = config.override(config.tiny(), ["model.fast_conv=false"]).model
     plain_params = networks.init_params(plain_cfg, 2, jax.random.PRNGKey(0))
     assert jax.tree.structure(params) == jax.tree.structure(plain_params)
+    decode, encode = (jax.jit(fn, static_argnums=1) for fn in (networks.decode, networks.encode))
     feat = jax.random.normal(jax.random.PRNGKey(1), (3, cfg.feature_size))
-    np.testing.assert_allclose(networks.decode(params, cfg, feat), networks.decode(params, plain_cfg, feat),
-                               atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(decode(params, cfg, feat), decode(params, plain_cfg, feat), atol=1e-5, rtol=1e-5)
     o = jax.random.uniform(jax.random.PRNGKey(2), (3, 64, 64, 3), minval=-0.5, maxval=0.5)
-    np.testing.assert_allclose(networks.encode(params, cfg, o), networks.encode(params, plain_cfg, o),
-                               atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(encode(params, cfg, o), encode(params, plain_cfg, o), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kernel_shape", [(4, 4, 2, 3), (4, 3, 3, 3), (1, 1, 3, 3)])
