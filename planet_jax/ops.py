@@ -1,4 +1,4 @@
-"""Stride-2 transposed convolution of the decoder, reformulated so that XLA:CPU runs it fast.
+"""The stride-2 convolutions of the encoder and decoder, reformulated so that XLA:CPU runs them fast.
 
 XLA:CPU lowers `lax.conv_transpose` (an lhs-dilated convolution) and, worse, its gradients to slow
 generic loops; at the decoder's training batch (2500 images) the plain flax decoder's backward pass
@@ -28,7 +28,7 @@ is the matching drop-in layer.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, ClassVar
 
 import flax.linen as nn
 import jax
@@ -65,6 +65,20 @@ def _space_to_depth(y: jax.Array) -> jax.Array:
     b, h2, w2, c = y.shape
     y = y.reshape(b, h2 // 2, 2, w2 // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
     return y.reshape(b, h2 // 2, w2 // 2, 4 * c)
+
+
+def _check_kernel(x: jax.Array, kernel: jax.Array, k_ok: bool, requirement: str) -> None:
+    k = kernel.shape[0]
+    if kernel.ndim != 4 or kernel.shape[1] != k or x.shape[-1] != kernel.shape[2] or not k_ok:
+        raise ValueError(f"kernel {kernel.shape} must be (k, k, {x.shape[-1]}, O) with {requirement}")
+
+
+def _apply(op: Callable, x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """op on x (..., H, W, I) with its leading axes flattened to one batch axis, then + bias."""
+    lead = x.shape[:-3]
+    y = op(x.reshape((-1,) + x.shape[-3:]), kernel)
+    y = y.reshape(lead + y.shape[1:])
+    return y if bias is None else y + bias
 
 
 def _out_size(n: int, k: int) -> int:
@@ -164,44 +178,16 @@ def conv_transpose_s2(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = 
     Returns (..., 2(H - 1) + k, 2(W - 1) + k, O). Differentiable by reverse mode (a custom VJP that
     is itself differentiable); forward-mode (jvp) is not defined.
     """
-    k = kernel.shape[0]
-    if kernel.ndim != 4 or kernel.shape[1] != k or x.shape[-1] != kernel.shape[2] or k < 2:
-        # k = 1 is excluded: flax pads its output to 2H there (VALID keeps max(k, stride) per input).
-        raise ValueError(f"kernel {kernel.shape} must be (k, k, {x.shape[-1]}, O) with k >= 2")
-    lead = x.shape[:-3]
-    y = _conv_transpose_s2(x.reshape((-1,) + x.shape[-3:]), kernel)
-    y = y.reshape(lead + y.shape[1:])
-    return y if bias is None else y + bias
+    # k = 1 is excluded: flax pads its output to 2H there (VALID keeps max(k, stride) per input).
+    _check_kernel(x, kernel, kernel.shape[0] >= 2, "k >= 2")
+    return _apply(_conv_transpose_s2, x, kernel, bias)
 
 
 def conv_transpose_s2_plain(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
     """The same op as flax computes it (`lax.conv_transpose`): the reference, and the GPU/TPU path
     when XLA's own lowering is preferred."""
-    lead = x.shape[:-3]
-    y = lax.conv_transpose(x.reshape((-1,) + x.shape[-3:]), kernel, (2, 2), "VALID", dimension_numbers=_DN)
-    y = y.reshape(lead + y.shape[1:])
-    return y if bias is None else y + bias
-
-
-class Deconv(nn.Module):
-    """Stride-2 VALID transposed conv layer, a drop-in for `nn.ConvTranspose(features, (k, k),
-    strides=(2, 2), padding='VALID')`: same parameters ('kernel' (k, k, I, O), 'bias' (O,)) and
-    initialisers, so `fast=True` (`conv_transpose_s2`) and `fast=False` (flax's op) share them."""
-    features: int
-    kernel_size: int
-    fast: bool = True
-    use_bias: bool = True
-    kernel_init: Callable = nn.linear.default_kernel_init
-    bias_init: Callable = nn.initializers.zeros_init()
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x: (..., H, W, I) -> (..., 2(H - 1) + k, 2(W - 1) + k, features)."""
-        k = self.kernel_size
-        kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
-        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)
-        return (conv_transpose_s2 if self.fast else conv_transpose_s2_plain)(x, kernel, bias)
+    op = lambda x, kernel: lax.conv_transpose(x, kernel, (2, 2), "VALID", dimension_numbers=_DN)
+    return _apply(op, x, kernel, bias)
 
 
 def _s2d_kernel(kernel: jax.Array) -> jax.Array:
@@ -219,41 +205,58 @@ def conv_s2(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> j
     with p = 2i + r this is a stride-1 correlation of space-to-depth(x) with (k/2)^2 taps, done as
     one matmul over the taps' windows concatenated along channels.
     """
+    _check_kernel(x, kernel, kernel.shape[0] % 2 == 0, "k even")
+    return _apply(_conv_s2, x, kernel, bias)
+
+
+def _conv_s2(x: jax.Array, kernel: jax.Array) -> jax.Array:
     k = kernel.shape[0]
-    if kernel.ndim != 4 or kernel.shape[1] != k or x.shape[-1] != kernel.shape[2] or k % 2:
-        raise ValueError(f"kernel {kernel.shape} must be (k, k, {x.shape[-1]}, O) with k even")
-    lead = x.shape[:-3]
-    x = x.reshape((-1,) + x.shape[-3:])
     ho, wo = (x.shape[1] - k) // 2 + 1, (x.shape[2] - k) // 2 + 1
     a = k // 2
     x = _space_to_depth(x[:, :2 * (ho - 1) + k, :2 * (wo - 1) + k])
     cols = jnp.concatenate([x[:, i:i + ho, j:j + wo] for i in range(a) for j in range(a)], -1)
-    y = jnp.dot(cols, _s2d_kernel(kernel).reshape(-1, kernel.shape[-1]))
-    y = y.reshape(lead + y.shape[1:])
-    return y if bias is None else y + bias
+    return jnp.dot(cols, _s2d_kernel(kernel).reshape(-1, kernel.shape[-1]))
 
 
 def conv_s2_plain(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
     """The same op as flax computes it (`lax.conv_general_dilated`): the reference."""
-    lead = x.shape[:-3]
-    y = lax.conv_general_dilated(x.reshape((-1,) + x.shape[-3:]), kernel, (2, 2), "VALID",
-                                 dimension_numbers=_DN)
-    y = y.reshape(lead + y.shape[1:])
-    return y if bias is None else y + bias
+    op = lambda x, kernel: lax.conv_general_dilated(x, kernel, (2, 2), "VALID", dimension_numbers=_DN)
+    return _apply(op, x, kernel, bias)
 
 
-class Conv(nn.Module):
-    """Stride-2 VALID conv layer, a drop-in for `nn.Conv(features, (k, k), strides=(2, 2),
-    padding='VALID')` (same parameters), computed by `conv_s2` when `fast`, by flax otherwise."""
+class _Stride2Layer(nn.Module):
+    """A stride-2 VALID layer with flax's parameters ('kernel' (k, k, I, O), 'bias' (O,)) and
+    initialisers, computed by `_fast_op` when `fast` and by flax's own op otherwise, so both paths
+    share parameters."""
     features: int
     kernel_size: int
     fast: bool = True
+    use_bias: bool = True
+    kernel_init: Callable = nn.linear.default_kernel_init
+    bias_init: Callable = nn.initializers.zeros_init()
+
+    _fast_op: ClassVar[Callable]
+    _plain_op: ClassVar[Callable]
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x: (..., H, W, I) -> (..., (H - k) // 2 + 1, (W - k) // 2 + 1, features)."""
         k = self.kernel_size
-        kernel = self.param("kernel", nn.linear.default_kernel_init, (k, k, x.shape[-1], self.features),
-                            jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
-        return (conv_s2 if self.fast else conv_s2_plain)(x, kernel, bias)
+        kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)
+        op = type(self)._fast_op if self.fast else type(self)._plain_op
+        return op(x, kernel, bias)
+
+
+class Conv(_Stride2Layer):
+    """Drop-in for `nn.Conv(features, (k, k), strides=(2, 2), padding='VALID')`, k even:
+    (..., H, W, I) -> (..., (H - k) // 2 + 1, (W - k) // 2 + 1, features)."""
+    _fast_op = conv_s2
+    _plain_op = conv_s2_plain
+
+
+class Deconv(_Stride2Layer):
+    """Drop-in for `nn.ConvTranspose(features, (k, k), strides=(2, 2), padding='VALID')`:
+    (..., H, W, I) -> (..., 2(H - 1) + k, 2(W - 1) + k, features)."""
+    _fast_op = conv_transpose_s2
+    _plain_op = conv_transpose_s2_plain
