@@ -22,13 +22,14 @@ class Encoder(nn.Module):
     """e_t = enc(o_t): conv 32, 64, 128, 256 (x depth/32), kernel 4, stride 2, ReLU; 64x64x3 -> |e|."""
     depth: int
     fast: bool = True
+    dtype: str = "float32"
 
     @nn.compact
     def __call__(self, o: jax.Array) -> jax.Array:
         x = o
         for i, mult in enumerate((1, 2, 4, 8)):
             # fast: space-to-depth and one matmul per layer (planet_jax.ops), same parameters.
-            x = nn.relu(Conv(mult * self.depth, 4, fast=self.fast, name=f"conv{i}")(x))
+            x = nn.relu(Conv(mult * self.depth, 4, self.fast, dtype=self.dtype, name=f"conv{i}")(x))
         return x.reshape(x.shape[:-3] + (-1,))
 
 
@@ -36,6 +37,7 @@ class Decoder(nn.Module):
     """Mean of p(o_t | h_t, s_t): dense 1024 (x depth/32) -> deconv 128 (k5), 64 (k5), 32 (k6), 3 (k6)."""
     depth: int
     fast: bool = True
+    dtype: str = "float32"
 
     @nn.compact
     def __call__(self, feat: jax.Array) -> jax.Array:
@@ -45,7 +47,7 @@ class Decoder(nn.Module):
         for i, (channels, kernel) in enumerate(specs):
             # fast: an exact reformulation of the stride-2 transposed conv (planet_jax.ops); the
             # parameters are the same either way.
-            x = Deconv(channels, kernel, fast=self.fast, name=f"deconv{i}")(x)
+            x = Deconv(channels, kernel, self.fast, dtype=self.dtype, name=f"deconv{i}")(x)
             if i < len(specs) - 1:
                 x = nn.relu(x)
         return x
@@ -96,8 +98,8 @@ class Posterior(nn.Module):
 
 def modules(cfg: ModelConfig) -> dict[str, nn.Module]:
     return {
-        "encoder": Encoder(cfg.cnn_depth, fast=cfg.fast_conv),
-        "decoder": Decoder(cfg.cnn_depth, fast=cfg.fast_conv),
+        "encoder": Encoder(cfg.cnn_depth, cfg.fast_conv, cfg.conv_dtype),
+        "decoder": Decoder(cfg.cnn_depth, cfg.fast_conv, cfg.conv_dtype),
         "reward": RewardModel(cfg.reward_hidden, cfg.reward_layers),
         "transition": Transition(cfg),
         "posterior": Posterior(cfg),
@@ -124,7 +126,7 @@ def encode(params: Params, cfg: ModelConfig, o: jax.Array) -> jax.Array:
     """(..., 64, 64, 3) preprocessed images -> (..., |e|) embeddings."""
     chex.assert_shape(o, (..., 64, 64, 3))
     lead = o.shape[:-3]
-    e = Encoder(cfg.cnn_depth, fast=cfg.fast_conv).apply({"params": params["encoder"]}, o.reshape((-1, 64, 64, 3)))
+    e = Encoder(cfg.cnn_depth, cfg.fast_conv, cfg.conv_dtype).apply({"params": params["encoder"]}, o.reshape((-1, 64, 64, 3)))
     return e.reshape(lead + (cfg.embed_size,))
 
 
@@ -132,7 +134,7 @@ def decode(params: Params, cfg: ModelConfig, feat: jax.Array) -> jax.Array:
     """(..., |h|+|s|) features -> (..., 64, 64, 3) mean images."""
     chex.assert_shape(feat, (..., cfg.feature_size))
     lead = feat.shape[:-1]
-    dec = Decoder(cfg.cnn_depth, fast=cfg.fast_conv)
+    dec = Decoder(cfg.cnn_depth, cfg.fast_conv, cfg.conv_dtype)
     o = dec.apply({"params": params["decoder"]}, feat.reshape((-1, cfg.feature_size)))
     return o.reshape(lead + (64, 64, 3))
 

@@ -111,3 +111,40 @@ def test_bad_kernel_shape_is_named(kernel_shape):
         ops.conv_transpose_s2(jnp.zeros((1, 2, 2, 3)), jnp.zeros(kernel_shape))
     with pytest.raises(ValueError, match="kernel"):
         ops.conv_s2(jnp.zeros((1, 8, 8, 3)), jnp.zeros(kernel_shape))
+
+
+# bfloat16 operands: each product carries about 2^-8 relative error and sums of n terms grow it by
+# about sqrt(n), so errors are measured against the spread of the exact result. BF16_TOL is the
+# stated tolerance; the second bound checks that bf16 was really used (float32 is ~1e-7 here).
+BF16_TOL = 2e-2
+
+
+def _scaled_error(value, reference):
+    reference = np.asarray(reference, np.float64)
+    return float(np.max(np.abs(np.asarray(value, np.float64) - reference)) / np.std(reference))
+
+
+@pytest.mark.parametrize("op,naive,shape,k,c_out", [
+    (ops.conv_transpose_s2, _naive, (5, 5, 16), 5, 12), (ops.conv_transpose_s2, _naive, (13, 13, 12), 6, 8),
+    (ops.conv_transpose_s2, _naive, (1, 1, 32), 5, 16), (ops.conv_s2, _naive_conv, (31, 31, 8), 4, 12)])
+def test_bfloat16_operands_within_tolerance_of_float64(op, naive, shape, k, c_out):
+    kx, kk, kg = jax.random.split(jax.random.PRNGKey(k), 3)
+    x = jax.random.normal(kx, (2,) + shape)
+    kernel = jax.random.normal(kk, (k, k, shape[-1], c_out)) / k
+    bias = jnp.zeros(c_out)
+    y16 = op(x, kernel, bias, dtype="bfloat16")
+    assert y16.dtype == jnp.float32
+    assert 1e-4 < _scaled_error(y16, naive(x, kernel, bias)) < BF16_TOL
+
+    # Gradients against the float32 op's, which equal flax's to 1e-4 (tests above).
+    cotangent = jax.random.normal(kg, y16.shape)
+    grads = [jax.grad(lambda x, w: jnp.sum(op(x, w, bias, dtype=dt) * cotangent), (0, 1))(x, kernel)
+             for dt in ("bfloat16", "float32")]
+    for g16, g32 in zip(*grads):
+        assert g16.dtype == jnp.float32
+        assert 1e-4 < _scaled_error(g16, g32) < BF16_TOL
+
+
+def test_bad_dtype_is_named():
+    with pytest.raises(ValueError, match="dtype"):
+        ops.conv_s2(jnp.zeros((1, 8, 8, 3)), jnp.zeros((4, 4, 3, 2)), dtype="float16")
