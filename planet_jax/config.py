@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any, Sequence
 
 MODEL_KINDS = ("rssm", "ssm", "rnn")
+CONV_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,13 @@ class ModelConfig:
     """Compute the encoder's stride-2 convolutions and the decoder's stride-2 transposed convolutions
     by exact reformulations (`planet_jax.ops`: the same parameters, results equal to float32
     rounding). False uses XLA's own (flax's) ops, whose gradients are slow on a CPU."""
+    conv_dtype: str = "float32"
+    """Operand type of those reformulated convolutions' matmuls, forward and backward: 'float32', or
+    'bfloat16' (accumulated in float32; about twice as fast on CPUs with bf16 dot products and on
+    TPUs, at about 2^-8 relative error per product). Needs fast_conv."""
+    image_group: int = 0
+    """In the training loss, run the encoder and decoder on this many sequences at a time, one group
+    after another (0: the whole batch in one call). Same result; less peak memory."""
 
     @property
     def embed_size(self) -> int:
@@ -146,6 +154,12 @@ class Config:
                 raise ValueError(f"{name} must be positive, got {value}")
         if not 1 <= m.bit_depth <= 8:
             raise ValueError(f"model.bit_depth must be in 1..8, got {m.bit_depth}")
+        if m.image_group < 0:
+            raise ValueError(f"model.image_group must be >= 0, got {m.image_group}")
+        if m.conv_dtype not in CONV_DTYPES:
+            raise ValueError(f"model.conv_dtype must be one of {', '.join(CONV_DTYPES)}, got {m.conv_dtype!r}")
+        if m.conv_dtype != "float32" and not m.fast_conv:
+            raise ValueError("model.conv_dtype=bfloat16 needs model.fast_conv=true")
         if p.top_k > p.candidates:
             raise ValueError(f"planner.top_k ({p.top_k}) must not exceed planner.candidates ({p.candidates})")
         if lo.overshooting_distance > t.chunk_length:
@@ -176,12 +190,12 @@ def cpu() -> Config:
     """A learning run that fits 2 CPU cores in about two hours (see README, 'Results on a CPU').
 
     The paper's algorithm and model family with less compute per step: half-width convolutions,
-    RSSM and reward MLP of 100 units, B x L = 16 x 32, C = 20, and CEM with J = 250, K = 25, I = 6.
+    RSSM and reward MLP of 100 units, B x L = 16 x 32, C = 40, and CEM with J = 250, K = 25, I = 6.
     """
     return Config(
         model=ModelConfig(h_size=100, s_size=30, hidden=100, cnn_depth=16, reward_hidden=100),
         planner=PlannerConfig(horizon=12, iterations=6, candidates=250, top_k=25),
-        train=TrainConfig(episodes=100, seed_episodes=5, collect_interval=20, batch_size=16,
+        train=TrainConfig(episodes=80, seed_episodes=5, collect_interval=40, batch_size=16,
                           chunk_length=32, test_every=5, checkpoint_every=5),
     )
 

@@ -84,22 +84,32 @@ def overshooting_kls(params: networks.Params, cfg: ModelConfig, loss_cfg: LossCo
 
 
 def sequence_loss(params: networks.Params, cfg: ModelConfig, loss_cfg: LossConfig,
-                  embeds: jax.Array, obs: jax.Array, a: jax.Array, r: jax.Array,
-                  key: jax.Array) -> dict[str, jax.Array]:
-    """Loss terms of one sequence: embeds (T, |e|), preprocessed obs (T, 64, 64, 3), a, r."""
+                  embeds: jax.Array, a: jax.Array, r: jax.Array,
+                  key: jax.Array) -> tuple[dict[str, jax.Array], jax.Array]:
+    """Latent and reward terms of one sequence (embeds (T, |e|), a, r) and its features (T, |h|+|s|)."""
     k_obs, k_os = jax.random.split(key)
     states, priors, posteriors = rssm.observe(params, cfg, embeds, a, k_obs)
     feat = rssm.features(states)
-    image_nll = 0.5 * jnp.sum(jnp.square(networks.decode(params, cfg, feat) - obs), (-3, -2, -1))
     reward_nll = 0.5 * jnp.square(networks.reward(params, cfg, feat) - r)
     kl_d = overshooting_kls(params, cfg, loss_cfg, states, priors, posteriors, a, k_os)
     standard_normal = Gaussian(jnp.zeros_like(posteriors.mean), jnp.ones_like(posteriors.std))
     return {
-        "image_loss": jnp.mean(image_nll),
         "reward_loss": jnp.mean(reward_nll),
         "kl_d": kl_d,
         "global_kl": jnp.mean(kl_divergence(posteriors, standard_normal)),
-    }
+    }, feat
+
+
+def _by_groups(fn, xs, group: int):
+    """fn over the leading (batch) axis of the pytree xs, `group` entries at a time (all when 0).
+
+    Groups run one after another (`lax.map`), so the encoder's and decoder's large intermediates
+    exist for one group of sequences at a time: less peak memory, and working sets that stay in
+    cache. The result equals fn on the whole batch.
+    """
+    if group <= 0 or group >= jax.tree.leaves(xs)[0].shape[0]:
+        return fn(xs)
+    return jax.lax.map(lambda x: fn(jax.tree.map(lambda v: v[None], x))[0], xs, batch_size=group)
 
 
 def loss_fn(params: networks.Params, cfg: ModelConfig, loss_cfg: LossConfig, batch: Batch,
@@ -110,10 +120,14 @@ def loss_fn(params: networks.Params, cfg: ModelConfig, loss_cfg: LossConfig, bat
     chex.assert_shape(batch.reward, (B, T))
     k_pre, k_seq = jax.random.split(key)
     obs = networks.preprocess(batch.obs, k_pre, cfg.bit_depth)
-    embeds = networks.encode(params, cfg, obs)
-    terms = jax.vmap(sequence_loss, (None, None, None, 0, 0, 0, 0, 0))(
-        params, cfg, loss_cfg, embeds, obs, batch.action, batch.reward, jax.random.split(k_seq, B))
+    embeds = _by_groups(lambda o: networks.encode(params, cfg, o), obs, cfg.image_group)
+    terms, feat = jax.vmap(sequence_loss, (None, None, None, 0, 0, 0, 0))(
+        params, cfg, loss_cfg, embeds, batch.action, batch.reward, jax.random.split(k_seq, B))
+    image_nll = _by_groups(
+        lambda fo: 0.5 * jnp.sum(jnp.square(networks.decode(params, cfg, fo[0]) - fo[1]), (-3, -2, -1)),
+        (feat, obs), cfg.image_group)
     terms = jax.tree.map(lambda x: jnp.mean(x, 0), terms)
+    terms["image_loss"] = jnp.mean(image_nll)
     D = loss_cfg.overshooting_distance
     beta = jnp.full((D,), loss_cfg.overshooting_beta).at[0].set(1.0)
     kl_loss = jnp.sum(beta * terms["kl_d"]) / D
