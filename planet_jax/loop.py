@@ -34,9 +34,8 @@ from planet_jax.objective import Batch
 OPENLOOP_CONTEXT = 5
 OPENLOOP_LENGTH = 50
 # Settings a resumed run may change: none alters what the stored model and replay mean.
-RESUMABLE_CHANGES = (("train", "episodes"), ("train", "num_envs"), ("model", "fast_conv"),
-                     ("model", "conv_dtype"),
-                     ("model", "image_group"))
+RESUMABLE_CHANGES = (("train", "episodes"), ("train", "num_envs"),
+                     ("model", "fast_conv"), ("model", "conv_dtype"), ("model", "image_group"))
 
 
 class RunError(Exception):

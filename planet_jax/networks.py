@@ -28,7 +28,7 @@ class Encoder(nn.Module):
     def __call__(self, o: jax.Array) -> jax.Array:
         x = o
         for i, mult in enumerate((1, 2, 4, 8)):
-            # fast: space-to-depth and one matmul per layer (planet_jax.ops), same parameters.
+            # fast: space-to-depth and a stride-1 correlation by matmuls (planet_jax.ops), same parameters.
             x = nn.relu(Conv(mult * self.depth, 4, self.fast, dtype=self.dtype, name=f"conv{i}")(x))
         return x.reshape(x.shape[:-3] + (-1,))
 

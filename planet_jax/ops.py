@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from planet_jax.config import CONV_DTYPES
+
 _DN = ("NHWC", "HWIO", "NHWC")
 
 # Forward by matmul + overlap-add instead of the phase conv when the phase conv would do more than
@@ -52,7 +54,6 @@ _DN = ("NHWC", "HWIO", "NHWC")
 # use the conv.
 _MAX_PHASE_CONV_WASTE = 2.0
 
-DTYPES = ("float32", "bfloat16")
 
 # Stride-1 convolutions with at most this product of input and output channels use XLA's conv (see
 # `_conv_s1`). Measured at 512 images on this project's 2-core CPU: the cpu preset's last decoder
@@ -88,7 +89,7 @@ def _matmul_fwd(x, w, dtype):
 
 def _matmul_bwd(dtype, res, g):
     x, w = res
-    return _dot(g, w.T, dtype).astype(jnp.float32), _dot_t(x, g, dtype)
+    return _dot(g, w.T, dtype), _dot_t(x, g, dtype)
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
@@ -139,8 +140,8 @@ def _space_to_depth(y: jax.Array) -> jax.Array:
 
 
 def _check_dtype(dtype: str) -> str:
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dtype not in CONV_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(CONV_DTYPES)}, got {dtype!r}")
     return dtype
 
 
@@ -240,9 +241,7 @@ def _conv_transpose_s2_fwd(x, kernel, dtype):
 
 
 def _conv_transpose_s2_bwd(dtype, res, dy):
-    x, kernel = res
-    dx, dk = _backward(x, kernel, dy, dtype)
-    return dx.astype(jnp.float32), dk
+    return _backward(*res, dy, dtype)
 
 
 _conv_transpose_s2.defvjp(_conv_transpose_s2_fwd, _conv_transpose_s2_bwd)
