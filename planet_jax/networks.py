@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from planet_jax.config import ModelConfig
-from planet_jax.ops import Conv, Deconv
+from planet_jax.ops import Conv, Deconv, relu
 
 Params = Any
 
@@ -29,7 +29,7 @@ class Encoder(nn.Module):
         x = o
         for i, mult in enumerate((1, 2, 4, 8)):
             # fast: space-to-depth and a stride-1 correlation by matmuls (planet_jax.ops), same parameters.
-            x = nn.relu(Conv(mult * self.depth, 4, self.fast, dtype=self.dtype, name=f"conv{i}")(x))
+            x = relu(Conv(mult * self.depth, 4, self.fast, dtype=self.dtype, name=f"conv{i}")(x))
         return x.reshape(x.shape[:-3] + (-1,))
 
 
@@ -49,7 +49,7 @@ class Decoder(nn.Module):
             # parameters are the same either way.
             x = Deconv(channels, kernel, self.fast, dtype=self.dtype, name=f"deconv{i}")(x)
             if i < len(specs) - 1:
-                x = nn.relu(x)
+                x = relu(x)
         return x
 
 

@@ -1,4 +1,8 @@
 """The fast stride-2 convolutions equal flax's Conv and ConvTranspose, values and gradients."""
+import contextlib
+import io
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -148,3 +152,53 @@ def test_bfloat16_operands_within_tolerance_of_float64(op, naive, shape, k, c_ou
 def test_bad_dtype_is_named():
     with pytest.raises(ValueError, match="dtype"):
         ops.conv_s2(jnp.zeros((1, 8, 8, 3)), jnp.zeros((4, 4, 3, 2)), dtype="float16")
+
+
+@pytest.mark.parametrize("case", [("deconv", 13, 6, 12, 8), ("deconv", 30, 6, 8, 3), ("conv", (31, 31, 8), 4, 12),
+                                  ("conv", (14, 14, 4), 4, 16)])
+def test_matmul_forms_of_the_stride1_correlation_equal_flax(case, monkeypatch):
+    """With every layer routed to the matmul forms (per-tap sum and im2col), not XLA's conv."""
+    monkeypatch.setattr(ops, "_MAX_CONV_CHANNELS", 0)
+    if case[0] == "deconv":
+        _, size, k, c_in, c_out = case
+        _check_against_references(ops.conv_transpose_s2, _naive, _flax, (size, size, c_in), k, c_out, seed=k)
+    else:
+        _, shape, k, c_out = case
+        _check_against_references(ops.conv_s2, _naive_conv, _flax_conv, shape, k, c_out, seed=k)
+
+
+_ITEM_BYTES = {"f32": 4, "bf16": 2, "bool": 1, "s32": 4, "u32": 4, "u8": 1}
+
+
+def _saved_bytes(fn, *args):
+    """Bytes that reverse mode keeps for fn's backward, from jax's own listing of the residuals."""
+    import jax.ad_checkpoint
+    listing = io.StringIO()
+    with contextlib.redirect_stdout(listing):
+        jax.ad_checkpoint.print_saved_residuals(fn, *args)
+    total = 0
+    for dtype, shape in re.findall(r"^(\w+)\[([\d,]*)\]", listing.getvalue(), re.MULTILINE):
+        total += _ITEM_BYTES[dtype] * int(np.prod([int(n) for n in shape.split(",") if n]))
+    assert total > 0, listing.getvalue()
+    return total
+
+
+def test_backward_keeps_only_the_inputs_of_conv_and_relu(monkeypatch):
+    """conv_s2 saves x and the kernel, not its shifted windows; relu saves no mask beside its output."""
+    monkeypatch.setattr(ops, "_MAX_CONV_CHANNELS", 0)
+    x = jnp.ones((2, 14, 14, 8))
+    kernel = jnp.ones((4, 4, 8, 16))
+    inputs = x.size * 4 + kernel.size * 4
+    assert _saved_bytes(lambda x, w: jnp.sum(ops.conv_s2(x, w)), x, kernel) <= inputs
+    layer = lambda x, w: jnp.sum(ops.relu(ops.conv_s2(x, w)))
+    out = 2 * 6 * 6 * 16 * 4
+    assert _saved_bytes(layer, x, kernel) <= inputs + out
+
+
+def test_relu_equals_jax_relu_with_gradients():
+    x = jnp.array([-2.0, -0.5, 0.0, 0.5, 3.0])
+    g = jnp.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    np.testing.assert_array_equal(ops.relu(x), jax.nn.relu(x))
+    grad = lambda f: jax.grad(lambda v: jnp.sum(f(v) * g))(x)
+    np.testing.assert_array_equal(grad(ops.relu), grad(jax.nn.relu))
+    np.testing.assert_array_equal(grad(ops.relu), [0.0, 0.0, 0.0, 4.0, 5.0])
