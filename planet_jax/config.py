@@ -45,7 +45,9 @@ class ModelConfig:
     TPUs, at about 2^-8 relative error per product). Needs fast_conv."""
     image_group: int = 0
     """In the training loss, run the encoder and decoder on this many sequences at a time, one group
-    after another (0: the whole batch in one call). Same result; less peak memory."""
+    after another; B or more: the whole batch in one call. Same result either way. 0 picks by
+    backend: 2 sequences on a CPU (faster there, and about a third of the peak memory), the whole
+    batch on GPUs and TPUs."""
 
     @property
     def embed_size(self) -> int:

@@ -142,12 +142,15 @@ def test_image_loss_is_the_decoder_nll_of_each_sequence(model_cfg, params):
     np.testing.assert_allclose(m["image_loss"], np.mean(nll), rtol=1e-5)
 
 
-@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("group", [1, 3, 0])
 def test_image_groups_give_the_same_loss_and_gradients(model_cfg, params, group):
-    B, T = 4, 3  # group 3 leaves a remainder of one sequence
+    """Against the whole batch in one call; 3 leaves a remainder of one sequence, 0 is the default
+    (on a CPU, groups of objective.CPU_IMAGE_GROUP)."""
+    B, T = 4, 3
     key = jax.random.PRNGKey(4)
     batch = objective.Batch(jax.random.randint(key, (B, T, 64, 64, 3), 0, 256).astype(jnp.uint8),
                             jax.random.normal(key, (B, T, 2)), jax.random.normal(key, (B, T)))
+    model_cfg = dataclasses.replace(model_cfg, image_group=B)
     grouped_cfg = dataclasses.replace(model_cfg, image_group=group)
     loss_and_grad = jax.jit(jax.value_and_grad(lambda p, c: objective.loss_fn(p, c, config.LossConfig(), batch, key)[0]),
                             static_argnums=1)
