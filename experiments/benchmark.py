@@ -3,6 +3,7 @@
   python -m experiments.benchmark                      # all measurements, planet_jax only
   python -m experiments.benchmark --compare-torch      # alternate with ../shared/bench/torch_reference.py
   python -m experiments.benchmark --only train plan_1 --iters 5
+  python -m experiments.benchmark --only train --profile 15   # and the 15 most expensive ops
 
 Prints one JSON line per measurement: median/min/max seconds over --iters calls after warm-up,
 compile time, the analytic GFLOP of one call (matmuls and convolutions, forward and backward), the
@@ -14,12 +15,15 @@ same invocation, alternating with planet_jax, with THP_MEM_ALLOC_ENABLE=1, and a
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -94,8 +98,46 @@ def _timed(fn, iters: int, warmup: int) -> list[float]:
     return times
 
 
-def worker(name: str, iters: int, warmup: int) -> dict:
-    """Runs one measurement in this process and returns its JSON record."""
+_LOOP_SCOPES = {"while", "body", "closed_call", "checkpoint"}
+
+
+def _hlo_op_names(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> the JAX operation it came from (its op_name metadata without the jit
+    prefix and the scopes of loops), for every instruction but control flow, whose events would
+    contain those of its body."""
+    names = {}
+    for match in re.finditer(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.*?)metadata=\{[^}]*?op_name=\"([^\"]*)\"",
+                             hlo_text, re.MULTILINE):
+        if re.search(r"\s(while|conditional|call)\(", match.group(2)):
+            continue
+        op = re.sub(r"^jit\([^)]*\)/", "", match.group(3))
+        names[match.group(1)] = "/".join(part for part in op.split("/") if part not in _LOOP_SCOPES)
+    return names
+
+
+def profile_ops(call, hlo_text: str, top: int) -> list[list]:
+    """Runs call() once under jax.profiler; the `top` JAX operations by total time, as
+    [seconds, operation] (XLA's per-op events, summed over the ops compiled from one operation)."""
+    import jax
+
+    with tempfile.TemporaryDirectory() as logdir:
+        with jax.profiler.trace(logdir, create_perfetto_trace=True):
+            call()
+        traces = list(Path(logdir).rglob("*.trace.json.gz"))
+        events = json.loads(gzip.decompress(traces[0].read_bytes()))["traceEvents"] if traces else []
+    names = _hlo_op_names(hlo_text)
+    totals: dict[str, float] = {}
+    for event in events:
+        op = names.get(event.get("name")) if event.get("ph") == "X" else None
+        if op is not None:
+            totals[op] = totals.get(op, 0.0) + event["dur"] / 1e6
+    ranked = sorted(totals.items(), key=lambda item: -item[1])[:top]
+    return [[round(seconds, 6), op] for op, seconds in ranked]
+
+
+def worker(name: str, iters: int, warmup: int, profile: int = 0) -> dict:
+    """Runs one measurement in this process and returns its JSON record (with the `profile` most
+    expensive operations of one more call when profile > 0)."""
     import jax
     import jax.numpy as jnp
 
@@ -122,6 +164,8 @@ def worker(name: str, iters: int, warmup: int) -> dict:
             box["state"], metrics = compiled(box["state"], batch, key)
             jax.block_until_ready(metrics["loss"])
 
+        hlo = compiled.as_text
+
         gflop = train_gflop(cfg, ACTION_DIM, distance)
     else:
         params = learner.init_train_state(cfg, ACTION_DIM, key).params
@@ -137,15 +181,20 @@ def worker(name: str, iters: int, warmup: int) -> dict:
         def call():
             jax.block_until_ready(plan(params, state, keys))
 
+        hlo = lambda: plan.lower(params, state, keys).compile().as_text()
+
         gflop = plan_gflop(cfg, ACTION_DIM, n)
     times = _timed(call, iters, warmup)
     median = statistics.median(times)
-    return {"impl": "planet_jax", "measurement": name, "median_s": round(median, 4),
-            "min_s": round(min(times), 4), "max_s": round(max(times), 4), "n": len(times),
-            "compile_s": round(compile_s, 2), "gflop": round(gflop, 2),
-            "gflops_per_s": round(gflop / median, 2),
-            "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "jax": jax.__version__, "backend": jax.default_backend()}
+    record = {"impl": "planet_jax", "measurement": name, "median_s": round(median, 4),
+              "min_s": round(min(times), 4), "max_s": round(max(times), 4), "n": len(times),
+              "compile_s": round(compile_s, 2), "gflop": round(gflop, 2),
+              "gflops_per_s": round(gflop / median, 2),
+              "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+              "jax": jax.__version__, "backend": jax.default_backend()}
+    if profile:  # after the peak-memory reading, which profiling would inflate
+        record["top_ops"] = profile_ops(call, hlo(), profile)
+    return record
 
 
 def _subprocess_json(cmd: list[str], env: dict) -> dict:
@@ -166,12 +215,14 @@ def main(argv=None) -> int:
                         help="also run ../shared/bench/torch_reference.py, alternating, and print ratios")
     parser.add_argument("--rounds", type=int, default=1,
                         help="with --compare-torch: alternate this many times per measurement")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="add the N most expensive operations of one more profiled call (top_ops)")
     parser.add_argument("--worker", choices=sorted(MEASUREMENTS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.iters < 1 or args.warmup < 0 or args.rounds < 1:
-        parser.error("--iters and --rounds must be positive and --warmup non-negative")
+    if args.iters < 1 or args.warmup < 0 or args.rounds < 1 or args.profile < 0:
+        parser.error("--iters and --rounds must be positive and --warmup and --profile non-negative")
     if args.worker:
-        print(json.dumps(worker(args.worker, args.iters, args.warmup)))
+        print(json.dumps(worker(args.worker, args.iters, args.warmup, args.profile)))
         return 0
     if args.compare_torch:
         try:
@@ -183,7 +234,7 @@ def main(argv=None) -> int:
     env = dict(os.environ)
     for name in args.only:
         ours_cmd = [sys.executable, "-m", "experiments.benchmark", "--worker", name,
-                    "--iters", str(args.iters), "--warmup", str(args.warmup)]
+                    "--iters", str(args.iters), "--warmup", str(args.warmup), "--profile", str(args.profile)]
         torch_args = MEASUREMENTS[name][4]
         compare = args.compare_torch and torch_args is not None
         for _ in range(args.rounds if compare else 1):

@@ -1,0 +1,28 @@
+"""The benchmark's profile: XLA's per-op events attributed to the JAX operations they came from."""
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from experiments import benchmark
+
+HLO = """
+  %while.3 = (s32[], f32[4]{0}) while(%tuple.1), condition=%cond, body=%body, metadata={op_name="jit(f)/while" stack_frame_id=1}
+  %dot.7 = f32[4,4]{1,0} dot(%a, %b), lhs_contracting_dims={1}, metadata={op_name="jit(f)/while/body/closed_call/dot_general" stack_frame_id=2}
+  ROOT %add.2 = f32[4]{0} add(%x, %y), metadata={op_name="jit(train_step)/jvp()/vmap(Decoder)/add"}
+  %param.1 = f32[4]{0} parameter(0)
+"""
+
+
+def test_hlo_op_names_skip_control_flow_and_loop_scopes():
+    assert benchmark._hlo_op_names(HLO) == {"dot.7": "dot_general", "add.2": "jvp()/vmap(Decoder)/add"}
+
+
+def test_profile_ranks_the_operations_of_a_call():
+    f = jax.jit(lambda x: lax.fori_loop(0, 20, lambda i, y: jnp.tanh(y @ x), x))
+    x = jnp.full((256, 256), 0.01)
+    f(x).block_until_ready()
+    top = benchmark.profile_ops(lambda: f(x).block_until_ready(), f.lower(x).compile().as_text(), 3)
+    assert 1 <= len(top) <= 3
+    seconds = [s for s, _ in top]
+    assert all(s > 0 for s in seconds) and seconds == sorted(seconds, reverse=True)
+    assert "dot_general" in top[0][1]
