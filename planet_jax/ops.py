@@ -120,7 +120,8 @@ def _conv_s1(x: jax.Array, w: jax.Array, dtype: str) -> jax.Array:
 def relu(x: jax.Array) -> jax.Array:
     """max(x, 0), whose backward reads the output (kept anyway as the next layer's input) instead of
     keeping a separate mask of x > 0: at the paper's training batch, about 0.2 GB less saved for the
-    backward pass. Gradients as `jax.nn.relu` (0 at x = 0)."""
+    backward pass. Gradients as `jax.nn.relu` (0 at x = 0), by reverse mode only (a custom VJP, like
+    `conv_transpose_s2`: forward-mode jvp is not defined)."""
     return jnp.maximum(x, 0)
 
 
