@@ -258,7 +258,8 @@ def _conv_transpose_s2(x: jax.Array, kernel: jax.Array, dtype: str) -> jax.Array
 
 
 def _conv_transpose_s2_fwd(x, kernel, dtype):
-    return _forward(x, kernel, dtype), (_cast(x, dtype), kernel)
+    # x is kept as it came (usually a ReLU's output, which that ReLU keeps too); `_backward` casts it.
+    return _forward(x, kernel, dtype), (x, kernel)
 
 
 def _conv_transpose_s2_bwd(dtype, res, dy):

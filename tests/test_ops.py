@@ -202,3 +202,12 @@ def test_relu_equals_jax_relu_with_gradients():
     grad = lambda f: jax.grad(lambda v: jnp.sum(f(v) * g))(x)
     np.testing.assert_array_equal(grad(ops.relu), grad(jax.nn.relu))
     np.testing.assert_array_equal(grad(ops.relu), [0.0, 0.0, 0.0, 4.0, 5.0])
+
+
+def test_bfloat16_deconv_after_relu_keeps_no_second_copy_of_its_input():
+    """The transposed conv keeps its input as it came (here the ReLU's float32 output, kept by the
+    ReLU anyway) and casts it in the backward pass, rather than keeping a bfloat16 copy beside it."""
+    x = jnp.ones((2, 13, 13, 16))
+    kernel = jnp.ones((6, 6, 16, 8))
+    layer = lambda x, w: jnp.sum(ops.conv_transpose_s2(ops.relu(x), w, dtype="bfloat16"))
+    assert _saved_bytes(layer, x, kernel) <= x.size * 4 + kernel.size * 4
