@@ -107,6 +107,11 @@ def test_networks_fast_and_plain_share_parameters_and_agree():
     np.testing.assert_allclose(decode(params, cfg, feat), decode(params, plain_cfg, feat), atol=1e-5, rtol=1e-5)
     o = jax.random.uniform(jax.random.PRNGKey(2), (3, 64, 64, 3), minval=-0.5, maxval=0.5)
     np.testing.assert_allclose(encode(params, cfg, o), encode(params, plain_cfg, o), atol=1e-5, rtol=1e-5)
+    # The fast encoder recomputes its first layer in the backward pass (below); gradients unchanged.
+    g = jax.random.normal(jax.random.PRNGKey(3), (3, cfg.embed_size))
+    grad = jax.jit(jax.grad(lambda p, c: jnp.sum(networks.encode(p, c, o) * g)), static_argnums=1)
+    for fast, plain in zip(jax.tree.leaves(grad(params, cfg)), jax.tree.leaves(grad(params, plain_cfg))):
+        np.testing.assert_allclose(fast, plain, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kernel_shape", [(4, 4, 2, 3), (4, 3, 3, 3), (1, 1, 3, 3)])
@@ -170,17 +175,23 @@ def test_matmul_forms_of_the_stride1_correlation_equal_flax(case, monkeypatch):
 _ITEM_BYTES = {"f32": 4, "bf16": 2, "bool": 1, "s32": 4, "u32": 4, "u8": 1}
 
 
-def _saved_bytes(fn, *args):
-    """Bytes that reverse mode keeps for fn's backward, from jax's own listing of the residuals."""
+def _saved(fn, *args) -> list[tuple[str, tuple[int, ...]]]:
+    """(dtype, shape) of each array that reverse mode keeps for fn's backward, from jax's own listing."""
     import jax.ad_checkpoint
     listing = io.StringIO()
     with contextlib.redirect_stdout(listing):
         jax.ad_checkpoint.print_saved_residuals(fn, *args)
-    total = 0
-    for dtype, shape in re.findall(r"^(\w+)\[([\d,]*)\]", listing.getvalue(), re.MULTILINE):
-        total += _ITEM_BYTES[dtype] * int(np.prod([int(n) for n in shape.split(",") if n]))
-    assert total > 0, listing.getvalue()
-    return total
+    found = re.findall(r"^(\w+)\[([\d,]*)\]", listing.getvalue(), re.MULTILINE)
+    assert found, listing.getvalue()
+    return [(dtype, tuple(int(n) for n in shape.split(",") if n)) for dtype, shape in found]
+
+
+def _saved_bytes(fn, *args):
+    return sum(_ITEM_BYTES[dtype] * int(np.prod(shape)) for dtype, shape in _saved(fn, *args))
+
+
+def _saved_shapes(fn, *args):
+    return [shape for _, shape in _saved(fn, *args)]
 
 
 def test_backward_keeps_only_the_inputs_of_conv_and_relu(monkeypatch):
@@ -193,6 +204,16 @@ def test_backward_keeps_only_the_inputs_of_conv_and_relu(monkeypatch):
     layer = lambda x, w: jnp.sum(ops.relu(ops.conv_s2(x, w)))
     out = 2 * 6 * 6 * 16 * 4
     assert _saved_bytes(layer, x, kernel) <= inputs + out
+
+
+def test_encoder_backward_recomputes_its_first_layer_output():
+    """The first layer's output (the encoder's largest activation) is not kept for the backward pass."""
+    cfg = config.tiny().model
+    params = networks.init_params(cfg, 2, jax.random.PRNGKey(0))
+    o = jnp.zeros((2, 64, 64, 3))
+    kept = _saved_shapes(lambda p: jnp.sum(networks.encode(p, cfg, o)), params)
+    assert (2, 64, 64, 3) in kept and (2, 14, 14, 2 * cfg.cnn_depth) in kept, kept
+    assert (2, 31, 31, cfg.cnn_depth) not in kept, kept
 
 
 def test_relu_equals_jax_relu_with_gradients():
