@@ -156,7 +156,7 @@ def worker(name: str, iters: int, warmup: int, profile: int = 0) -> dict:
                       jax.random.normal(key, (B, T)))
         step = learner.make_train_step(cfg)
         t0 = time.perf_counter()
-        compiled = step.lower(state, batch, key).compile()
+        compiled = learner.compile_train_step(step, state, batch, key)  # as the training loop does
         compile_s = time.perf_counter() - t0
         box = {"state": state}
 

@@ -6,6 +6,8 @@ all-reduce of the gradients (the loss is a mean over B, so the result equals the
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -30,10 +32,37 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.adam(cfg.lr, eps=cfg.eps))
 
 
+# Jitted: one compiled program instead of one per layer initialiser run op by op, which left about
+# 0.3 GB more resident at the paper's sizes on a CPU.
+@functools.partial(jax.jit, static_argnums=(0, 1))
 def init_train_state(cfg: Config, action_dim: int, key: jax.Array) -> TrainState:
     params = networks.init_params(cfg.model, action_dim, key)
     opt_state = make_optimizer(cfg.optim).init(params)
     return TrainState(params, opt_state, jnp.zeros((), jnp.int32))
+
+
+def release_free_memory() -> bool:
+    """Hands memory that the process has freed back to the OS (glibc's `malloc_trim`); returns
+    whether it could (False where the C library has no malloc_trim, e.g. macOS).
+
+    XLA's compiler frees most of what it allocates, but glibc keeps the freed pages resident: after
+    compiling the paper-size training step on a CPU that was about 0.6 GB, on top of which the step
+    then allocates its own buffers.
+    """
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+def compile_train_step(step: Callable, state: TrainState, batch: Batch, key: jax.Array) -> Callable:
+    """`step` (from `make_train_step`) compiled ahead of time for arguments shaped like these, then
+    `release_free_memory()` before its first call allocates the step's working memory. The result
+    is called like `step`, with arguments of the same shapes, dtypes and shardings."""
+    compiled = step.lower(state, batch, key).compile()
+    release_free_memory()
+    return compiled
 
 
 def make_train_step(cfg: Config, mesh: Mesh | None = None, jit: bool = True

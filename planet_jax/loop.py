@@ -226,6 +226,7 @@ def train(cfg: config.Config, env_name: str, logdir: str | Path, seed: int = 0,
     state = parallel.replicate(state, mesh)
 
     train_step = learner.make_train_step(cfg, mesh)
+    compiled_step = None  # compiled at the first update (learner.compile_train_step)
     actor = PlannerActor(agent.make_policy(cfg, env.action_dim), cfg, env.action_dim)
     log = logger.Logger(logdir) if primary else None
     if primary:
@@ -268,7 +269,10 @@ def train(cfg: config.Config, env_name: str, logdir: str | Path, seed: int = 0,
                         local = memory.sample(parallel.local_batch_size(tc.batch_size), tc.chunk_length)
                         batch = parallel.shard_batch(Batch(**local), mesh)
                         key, k_train = jax.random.split(key)
-                        state, m = train_step(state, batch, parallel.replicate(k_train, mesh))
+                        k_train = parallel.replicate(k_train, mesh)
+                        if compiled_step is None:
+                            compiled_step = learner.compile_train_step(train_step, state, batch, k_train)
+                        state, m = compiled_step(state, batch, k_train)
                         metrics.append(m)
                         counters["updates"] += 1
                     if stop:

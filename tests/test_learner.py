@@ -62,3 +62,24 @@ def test_update_is_clipped_adam():
     want = jax.tree.map(expected, params0, grads)
     jax.tree.map(lambda u, v: np.testing.assert_allclose(np.asarray(u), v, rtol=1e-3, atol=1e-6),
                  new_state.params, want)
+
+
+def test_compiled_ahead_step_equals_jitted_step_and_init_equals_eager_init():
+    cfg = config.tiny()
+    key = jax.random.PRNGKey(0)
+    state = learner.init_train_state(cfg, 2, key)
+    for jitted, unjitted in zip(jax.tree.leaves(state.params),
+                                jax.tree.leaves(learner.networks.init_params(cfg.model, 2, key))):
+        np.testing.assert_allclose(jitted, unjitted, rtol=1e-6, atol=1e-7)
+    batch = _structured_batch(4, 8, 2, jax.random.PRNGKey(1))
+    step = learner.make_train_step(cfg, jit=False)
+    compiled = learner.compile_train_step(learner.make_train_step(cfg), state, batch, key)
+    ours = compiled(jax.tree.map(jnp.copy, state), batch, key)
+    reference = step(state, batch, key)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(reference)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_release_free_memory_trims_on_glibc():
+    import platform
+    assert learner.release_free_memory() == (platform.libc_ver()[0] == "glibc")
