@@ -119,7 +119,16 @@ def _by_groups(fn, xs, group: int):
         group = CPU_IMAGE_GROUP if jax.default_backend() == "cpu" else batch
     if group >= batch:
         return fn(xs)
-    return jax.lax.map(lambda x: fn(jax.tree.map(lambda v: v[None], x))[0], xs, batch_size=group)
+    # fn sees whole groups (not lax.map's batch_size, which vmaps fn over each group's entries: that
+    # turns the transposed convs' custom backward into per-entry kernel gradients and sums them).
+    n, rest = divmod(batch, group)
+    split = lambda v: v[:n * group].reshape((n, group) + v.shape[1:])
+    ys = jax.tree.map(lambda v: v.reshape((n * group,) + v.shape[2:]),
+                      jax.lax.map(fn, jax.tree.map(split, xs)))
+    if rest:
+        tail = fn(jax.tree.map(lambda v: v[n * group:], xs))
+        ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys, tail)
+    return ys
 
 
 def loss_fn(params: networks.Params, cfg: ModelConfig, loss_cfg: LossConfig, batch: Batch,
