@@ -43,13 +43,16 @@ def init_train_state(cfg: Config, action_dim: int, key: jax.Array) -> TrainState
 
 def release_free_memory() -> bool:
     """Hands memory that the process has freed back to the OS (glibc's `malloc_trim`); returns
-    whether it could (False where the C library has no malloc_trim, e.g. macOS).
+    whether it could (False where the C library has no malloc_trim: macOS, Windows).
 
     XLA's compiler frees most of what it allocates, but glibc keeps the freed pages resident: after
     compiling the paper-size training step on a CPU that was about 0.6 GB, on top of which the step
     then allocates its own buffers.
     """
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    try:
+        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except (OSError, TypeError):  # no C library loadable this way (Windows)
+        trim = None
     if trim is None:
         return False
     trim(0)
