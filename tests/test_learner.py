@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from planet_jax import config, learner, objective
+from planet_jax import config, learner, networks, objective
 
 
 def _structured_batch(B, T, action_dim, key):
@@ -69,7 +69,7 @@ def test_compiled_ahead_step_equals_jitted_step_and_init_equals_eager_init():
     key = jax.random.PRNGKey(0)
     state = learner.init_train_state(cfg, 2, key)
     for jitted, unjitted in zip(jax.tree.leaves(state.params),
-                                jax.tree.leaves(learner.networks.init_params(cfg.model, 2, key))):
+                                jax.tree.leaves(networks.init_params(cfg.model, 2, key))):
         np.testing.assert_allclose(jitted, unjitted, rtol=1e-6, atol=1e-7)
     batch = _structured_batch(4, 8, 2, jax.random.PRNGKey(1))
     step = learner.make_train_step(cfg, jit=False)
