@@ -42,6 +42,9 @@ MEASUREMENTS = {
     "train_whole_batch": ("paper", "train", ["model.image_group=50"], 0, ["--mode", "train"]),
     "plan_1": ("paper", "plan", [], 1, ["--mode", "plan", "--plan-batch", "1"]),
     "plan_8": ("paper", "plan", [], 8, ["--mode", "plan", "--plan-batch", "8"]),
+    # This machine's ceiling: float32 and bfloat16 matmuls at a conv-like shape, in the forward
+    # (x @ w) and kernel-gradient (x^T @ g) orientations. Its gflops_per_s is float32 x @ w.
+    "matmul_peak": ("paper", "matmul", [], 0, None),
     "tiny_train": ("tiny", "train", [], 0, None),
     "tiny_plan_1": ("tiny", "plan", [], 1, None),
 }
@@ -148,7 +151,10 @@ def worker(name: str, iters: int, warmup: int, profile: int = 0) -> dict:
     cfg = config.override(config.PRESETS[preset](), overrides)
     distance = cfg.loss.overshooting_distance
     key = jax.random.PRNGKey(0)
-    if kind == "train":
+    extra = {}
+    if kind == "matmul":
+        call, hlo, gflop, compile_s, extra = _matmul_peak(iters, warmup)
+    elif kind == "train":
         B, T = cfg.train.batch_size, cfg.train.chunk_length
         state = learner.init_train_state(cfg, ACTION_DIM, key)
         batch = Batch(jax.random.randint(key, (B, T, 64, 64, 3), 0, 256).astype(jnp.uint8),
@@ -191,10 +197,41 @@ def worker(name: str, iters: int, warmup: int, profile: int = 0) -> dict:
               "compile_s": round(compile_s, 2), "gflop": round(gflop, 2),
               "gflops_per_s": round(gflop / median, 2),
               "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-              "jax": jax.__version__, "backend": jax.default_backend()}
+              "jax": jax.__version__, "backend": jax.default_backend(), **extra}
     if profile:  # after the peak-memory reading, which profiling would inflate
         record["top_ops"] = profile_ops(call, hlo(), profile)
     return record
+
+
+MATMUL_SHAPE = (65536, 576, 128)  # (M, K, N): about the encoder's second layer over a group of images
+
+
+def _matmul_peak(iters: int, warmup: int):
+    """GFLOP/s of M x K by K x N matmuls (float32 accumulation) in float32 and bfloat16, as x @ w
+    and as x^T @ g (contracting the long axis, as kernel gradients do); returns the benchmark's
+    (call, hlo, gflop, compile seconds, extra fields) for float32 x @ w."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    m, k, n = MATMUL_SHAPE
+    gflop = 2 * m * k * n / 1e9
+    forward = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32))
+    kernel_grad = jax.jit(lambda x, g: lax.dot_general(x, g, (((0,), (0,)), ((), ())),
+                                                       preferred_element_type=jnp.float32))
+    rates, calls = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        x = jax.random.normal(jax.random.PRNGKey(0), (m, k)).astype(dtype)
+        w = jax.random.normal(jax.random.PRNGKey(1), (k, n)).astype(dtype)
+        g = jax.random.normal(jax.random.PRNGKey(2), (m, n)).astype(dtype)
+        for label, fn, args in (("x@w", forward, (x, w)), ("xT@g", kernel_grad, (x, g))):
+            call = lambda fn=fn, args=args: jax.block_until_ready(fn(*args))
+            t0 = time.perf_counter()
+            call()
+            calls[f"{dtype} {label}"] = (call, time.perf_counter() - t0, lambda fn=fn, args=args: fn.lower(*args).compile().as_text())
+            rates[f"{dtype} {label}"] = round(gflop / statistics.median(_timed(call, iters, warmup)), 2)
+    call, compile_s, hlo = calls["float32 x@w"]
+    return call, hlo, gflop, compile_s, {"shape_mkn": list(MATMUL_SHAPE), "gflops_per_s_by_case": rates}
 
 
 def _subprocess_json(cmd: list[str], env: dict) -> dict:

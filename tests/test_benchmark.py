@@ -26,3 +26,14 @@ def test_profile_ranks_the_operations_of_a_call():
     seconds = [s for s, _ in top]
     assert all(s > 0 for s in seconds) and seconds == sorted(seconds, reverse=True)
     assert "dot_general" in top[0][1]
+
+
+def test_matmul_peak_reports_each_dtype_and_orientation(monkeypatch):
+    monkeypatch.setattr(benchmark, "MATMUL_SHAPE", (256, 32, 16))
+    record = benchmark.worker("matmul_peak", iters=2, warmup=0)
+    assert record["gflop"] == round(2 * 256 * 32 * 16 / 1e9, 2)
+    assert record["shape_mkn"] == [256, 32, 16]
+    rates = record["gflops_per_s_by_case"]
+    assert set(rates) == {"float32 x@w", "float32 xT@g", "bfloat16 x@w", "bfloat16 xT@g"}
+    assert all(rate > 0 for rate in rates.values())
+    assert record["n"] == 2 and record["min_s"] <= record["median_s"] <= record["max_s"]
