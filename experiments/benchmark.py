@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from experiments import cli
+
 OS50 = "loss.overshooting_distance=50"
 BF16 = "model.conv_dtype=bfloat16"
 MEASUREMENTS = {
@@ -292,4 +294,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    cli.restart_with_huge_pages()
     raise SystemExit(main())

@@ -26,4 +26,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    cli.restart_with_huge_pages()
     raise SystemExit(main())

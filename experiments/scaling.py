@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 
+from experiments import cli
+
 
 def _train_worker(args) -> dict:
     import jax
@@ -130,4 +132,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    cli.restart_with_huge_pages()
     raise SystemExit(main())
