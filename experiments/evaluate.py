@@ -9,7 +9,6 @@ import argparse
 import numpy as np
 
 from experiments import cli
-from planet_jax import loop
 
 
 def main(argv=None) -> int:
@@ -19,6 +18,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=12345, help="seed of the test environments")
     args = parser.parse_args(argv)
     with cli.usage_errors(parser):
+        # Imported here, not at the top: `python -m experiments.evaluate` may restart itself
+        # (cli.restart_with_huge_pages) before main, and JAX would be imported twice.
+        from planet_jax import loop
         returns = loop.evaluate(args.logdir, args.episodes, args.seed)
         print(f"return over {len(returns)} episodes: mean {np.mean(returns):.1f} std {np.std(returns):.1f}"
               f" (videos in {args.logdir}/videos/eval_*.mp4)")
