@@ -112,6 +112,15 @@ class TrainConfig:
     """B: sequences per batch."""
     chunk_length: int = 50
     """L: frames per sequence."""
+    graded_seed_actions: bool = False
+    """Seed episode i of S (0-based) draws its uniform random actions from [-(i + 1) / S, (i + 1) / S]
+    instead of [-1, 1] (`loop.seed_action_scales`), so that the seed data also holds nearly still
+    control, which actions uniform over the whole box almost never keep up for several steps (the
+    paper: [-1, 1] for every seed episode)."""
+    cover_episode_ends: bool = False
+    """Sample chunks so that an episode's first and last L - 1 frames are trained on at least as
+    often as the rest (`Replay.sample(cover_ends=True)`); the paper's uniform chunk starts (False)
+    train on the first frames of an episode up to L times less often than on its middle."""
     expl_noise: float = 0.3
     """Std of the Gaussian noise added to planned actions while collecting."""
     action_repeat: int = 0

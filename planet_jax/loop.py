@@ -34,7 +34,8 @@ from planet_jax.objective import Batch
 OPENLOOP_CONTEXT = 5
 OPENLOOP_LENGTH = 50
 # Settings a resumed run may change: none alters what the stored model and replay mean.
-RESUMABLE_CHANGES = (("train", "episodes"), ("train", "num_envs"),
+RESUMABLE_CHANGES = (("train", "episodes"), ("train", "num_envs"), ("train", "cover_episode_ends"),
+                     ("train", "graded_seed_actions"),
                      ("model", "fast_conv"), ("model", "conv_dtype"), ("model", "image_group"))
 
 
@@ -177,6 +178,14 @@ def collect(env: envs.PixelEnv, venv: vec_env.VecEnv | None, act: Callable[[np.n
     return vec_env.run_episodes(venv, act, seeds, stop)
 
 
+def seed_action_scales(first_index: int, count: int, seed_episodes: int, graded: bool) -> np.ndarray:
+    """(count,) bounds c of the uniform random actions U(-c, c) of episodes first_index, ... of a seed
+    round: 1 each, or with `graded` (train.graded_seed_actions) (i + 1) / S for episode i of S."""
+    if not graded:
+        return np.ones(count)
+    return np.minimum((first_index + np.arange(count) + 1) / seed_episodes, 1.0)
+
+
 def _crossed(before: int, after: int, every: int) -> bool:
     """Whether a multiple of `every` lies in (before, after]: 'every k episodes' when a round adds several."""
     return max(after, 0) // every > max(before, 0) // every
@@ -260,13 +269,16 @@ def train(cfg: config.Config, env_name: str, logdir: str | Path, seed: int = 0,
                 record = {}
                 before = memory.num_episodes
                 if before < tc.seed_episodes:
-                    act = lambda obs: rng.uniform(-1, 1, (len(obs), env.action_dim))
+                    scales = seed_action_scales(before, tc.num_envs, tc.seed_episodes,
+                                                tc.graded_seed_actions)
+                    act = lambda obs: rng.uniform(-1, 1, (len(obs), env.action_dim)) * scales[:len(obs), None]
                 else:
                     metrics = []
                     for _ in range(tc.collect_interval):
                         if stop:
                             break
-                        local = memory.sample(parallel.local_batch_size(tc.batch_size), tc.chunk_length)
+                        local = memory.sample(parallel.local_batch_size(tc.batch_size), tc.chunk_length,
+                                              tc.cover_episode_ends)
                         batch = parallel.shard_batch(Batch(**local), mesh)
                         key, k_train = jax.random.split(key)
                         k_train = parallel.replicate(k_train, mesh)

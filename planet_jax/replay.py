@@ -119,7 +119,9 @@ class Replay:
     """Episodes on disk in `directory`, mirrored in memory, sampled as uniform chunks.
 
     Chunk starts are uniform over all valid (episode, start) pairs of the whole buffer, so an
-    episode of R rows is chosen in proportion to R - L + 1 for chunk length L.
+    episode of R rows is chosen in proportion to R - L + 1 for chunk length L. Uniform starts put
+    row t < L of an episode in a chunk only (t + 1) / L times as often as a row in the middle (row
+    0 only in chunks that start there); `sample(..., cover_ends=True)` evens that out.
     """
 
     def __init__(self, directory, seed: int):
@@ -194,8 +196,15 @@ class Replay:
         self._keep(episode)
         return path
 
-    def sample(self, batch_size: int, chunk_length: int) -> dict[str, np.ndarray]:
+    def sample(self, batch_size: int, chunk_length: int, cover_ends: bool = False
+               ) -> dict[str, np.ndarray]:
         """Draws B chunks of L consecutive rows, each from inside one episode.
+
+        With `cover_ends`, starts are drawn uniformly from -(L - 1) .. R - 1 for an episode of R rows
+        and clamped to the valid 0 .. R - L, so an episode is chosen in proportion to R + L - 1 and
+        every row is in a chunk at least as often as a row in the middle (row t < L: (L + t) / L
+        times as often). A chunk starts at the episode's first frame L times as often as at any
+        middle row: the state the agent's filter starts from at every reset.
 
         Returns:
           obs uint8 (B, L, H, W, 3), action float32 (B, L, A), reward float32 (B, L).
@@ -205,15 +214,19 @@ class Replay:
                              f"got {batch_size} and {chunk_length}")
         if not self._episodes:
             raise ValueError("cannot sample from an empty replay")
-        starts_per_episode = np.maximum(np.asarray(self._rows) - chunk_length + 1, 0)
-        total = int(starts_per_episode.sum())
-        if total == 0:
+        rows = np.asarray(self._rows)
+        valid = rows >= chunk_length
+        if not valid.any():
             raise ValueError(f"no episode has at least chunk_length={chunk_length} rows "
                              f"(longest has {max(self._rows)})")
+        # Candidate starts per episode: 0 .. R - L, or -(L - 1) .. R - 1 before clamping.
+        extra = chunk_length - 1 if cover_ends else 0
+        starts_per_episode = np.where(valid, rows - chunk_length + 1 + 2 * extra, 0)
         ends = np.cumsum(starts_per_episode)
-        flat = self._rng.integers(total, size=batch_size)
+        flat = self._rng.integers(int(ends[-1]), size=batch_size)
         which = np.searchsorted(ends, flat, side="right")
-        starts = flat - (ends[which] - starts_per_episode[which])
+        starts = flat - (ends[which] - starts_per_episode[which]) - extra
+        starts = np.clip(starts, 0, rows[which] - chunk_length)
         return {
             key: np.stack([self._episodes[e][key][s:s + chunk_length]
                            for e, s in zip(which, starts)])

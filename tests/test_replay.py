@@ -126,13 +126,14 @@ def test_sample_shapes_and_dtypes(tmp_path):
     assert batch["reward"].shape == (4, 6) and batch["reward"].dtype == np.float32
 
 
-def test_sampled_chunks_are_contiguous_slices_of_one_episode(tmp_path):
+@pytest.mark.parametrize("cover_ends", [False, True])
+def test_sampled_chunks_are_contiguous_slices_of_one_episode(tmp_path, cover_ends):
     lengths = [5, 9, 16, 7]
     replay = Replay(tmp_path, seed=1)
     for i, rows in enumerate(lengths):
         replay.add(coded_episode(i, rows))
     chunk = 5
-    batch = replay.sample(200, chunk)
+    batch = replay.sample(200, chunk, cover_ends)
     seen_starts = set()
     for b in range(200):
         episode_id = int(batch["action"][b, 0, 0])
@@ -155,6 +156,43 @@ def test_sampling_is_uniform_over_valid_starts(tmp_path):
     p = (30 - chunk + 1) / ((10 - chunk + 1) + (30 - chunk + 1))  # 26 / 32
     std = np.sqrt(p * (1 - p) / draws)
     assert abs(np.mean(episode_ids == 1) - p) < 5 * std
+
+
+def test_cover_ends_start_distribution_and_coverage(tmp_path):
+    """Start frequencies against an enumeration of the clamped starts; every row covered at least
+    as often as a middle row, where uniform starts cover row 0 L times less."""
+    lengths, chunk, draws = [3, 12, 30], 5, 60000
+    replay = Replay(tmp_path, seed=3)
+    for i, rows in enumerate(lengths):
+        replay.add(coded_episode(i, rows))
+    # Independent expectation: every start in -(L-1) .. R-1 of every long-enough episode equally
+    # likely, clamped into 0 .. R-L.
+    expected = {}
+    for episode_id, rows in enumerate(lengths):
+        if rows < chunk:
+            continue
+        for start in range(-(chunk - 1), rows):
+            pair = (episode_id, min(max(start, 0), rows - chunk))
+            expected[pair] = expected.get(pair, 0) + 1
+    total = sum(expected.values())
+    batch = replay.sample(draws, chunk, cover_ends=True)
+    pairs = [(int(e), int(s)) for e, s in batch["action"][:, 0]]
+    counts = {pair: pairs.count(pair) for pair in set(pairs)}
+    assert set(counts) == set(expected)  # the 3-row episode never, every clamped start reachable
+    for pair, weight in expected.items():
+        p = weight / total
+        assert abs(counts[pair] / draws - p) < 5 * np.sqrt(p * (1 - p) / draws), pair
+    assert expected[(2, 0)] == chunk and expected[(2, 1)] == 1  # reset frame: L times a middle start
+
+    # Row coverage of the 30-row episode: uniform starts against cover_ends.
+    def coverage(sample):
+        rows = sample["action"][sample["action"][:, 0, 0] == 2][:, :, 1].astype(int)
+        return np.bincount(rows.ravel(), minlength=30) / len(rows)
+    uniform = coverage(replay.sample(draws, chunk))
+    covered = coverage(batch)
+    middle = slice(chunk, 30 - chunk)
+    assert uniform[0] < 0.4 * uniform[middle].mean()
+    assert covered.min() > 0.9 * covered[middle].mean()
 
 
 def test_sample_errors(tmp_path):
