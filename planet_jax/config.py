@@ -8,6 +8,7 @@ learning run that fits a 2-core CPU). `override(cfg, ["model.h_size=64", ...])` 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Sequence
 
 MODEL_KINDS = ("rssm", "ssm", "rnn")
@@ -133,6 +134,11 @@ class TrainConfig:
     """Save a checkpoint after every this many episodes (and always on exit)."""
     num_envs: int = 1
     """Environments collected at once, each in its own process."""
+    test_episodes: int = 5
+    """Noise-free episodes per evaluation; their mean and standard deviation are logged."""
+    max_skipped_updates: int = 20
+    """Stop the run after this many consecutive non-finite updates (each one skipped by the
+    training step, `learner.make_train_step`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,8 +150,11 @@ class Config:
     train: TrainConfig = TrainConfig()
 
     def validate(self) -> "Config":
-        """Raise ValueError naming the first impossible value."""
-        m, lo, p, t = self.model, self.loss, self.planner, self.train
+        """Raise ValueError naming the first impossible value: a value of the wrong type, a float
+        that is NaN or infinite, a size or count that is not positive, or settings that cannot
+        hold together (planner.top_k above planner.candidates, D above L)."""
+        _check_types(self)
+        m, lo, o, p, t = self.model, self.loss, self.optim, self.planner, self.train
         if m.kind not in MODEL_KINDS:
             raise ValueError(f"model.kind must be one of {', '.join(MODEL_KINDS)}, got {m.kind!r}")
         positive = {
@@ -158,7 +167,9 @@ class Config:
             "train.collect_interval": t.collect_interval, "train.batch_size": t.batch_size,
             "train.chunk_length": t.chunk_length, "train.episode_steps": t.episode_steps,
             "train.test_every": t.test_every, "train.checkpoint_every": t.checkpoint_every,
-            "train.num_envs": t.num_envs, "optim.lr": self.optim.lr,
+            "train.num_envs": t.num_envs, "train.test_episodes": t.test_episodes,
+            "train.max_skipped_updates": t.max_skipped_updates,
+            "optim.lr": o.lr, "optim.clip_norm": o.clip_norm,
         }
         for name, value in positive.items():
             if not value > 0:
@@ -179,7 +190,35 @@ class Config:
         if t.action_repeat < 0 or t.expl_noise < 0 or lo.free_nats < 0 or m.min_std <= 0:
             raise ValueError("train.action_repeat, train.expl_noise and loss.free_nats must be >= 0 "
                              "and model.min_std > 0")
+        # A negative weight would maximise its term of the bound; a negative eps can divide by 0.
+        non_negative = {"loss.overshooting_beta": lo.overshooting_beta,
+                        "loss.global_kl_beta": lo.global_kl_beta, "loss.reward_scale": lo.reward_scale,
+                        "loss.image_scale": lo.image_scale, "optim.eps": o.eps}
+        for name, value in non_negative.items():
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
         return self
+
+
+def _check_types(cfg: Config) -> None:
+    """ValueError for a field whose value does not have its default's type (a config.json edited
+    by hand, `from_dict` of a wrong document) or a float field that is NaN or infinite."""
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        for f in dataclasses.fields(sub):
+            name, value, default = f"{section.name}.{f.name}", getattr(sub, f.name), f.default
+            if isinstance(default, bool):
+                ok, kind = isinstance(value, bool), "a boolean"
+            elif isinstance(default, int):
+                ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+            elif isinstance(default, float):
+                ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+                if ok and not math.isfinite(value):
+                    raise ValueError(f"{name} must be a finite number, got {value}")
+            else:
+                ok, kind = isinstance(value, str), "a string"
+            if not ok:
+                raise ValueError(f"{name} must be {kind}, got {value!r}")
 
 
 def paper() -> Config:
@@ -193,7 +232,8 @@ def tiny() -> Config:
         model=ModelConfig(h_size=16, s_size=4, hidden=16, cnn_depth=2, reward_hidden=16),
         planner=PlannerConfig(horizon=4, iterations=2, candidates=16, top_k=4),
         train=TrainConfig(episodes=4, seed_episodes=2, collect_interval=5, batch_size=4,
-                          chunk_length=8, episode_steps=100, test_every=1, checkpoint_every=1),
+                          chunk_length=8, episode_steps=100, test_every=1, checkpoint_every=1,
+                          test_episodes=2),
     )
 
 
@@ -207,7 +247,7 @@ def cpu() -> Config:
         model=ModelConfig(h_size=100, s_size=30, hidden=100, cnn_depth=16, reward_hidden=100),
         planner=PlannerConfig(horizon=12, iterations=6, candidates=250, top_k=25),
         train=TrainConfig(episodes=80, seed_episodes=5, collect_interval=40, batch_size=16,
-                          chunk_length=32, test_every=5, checkpoint_every=5),
+                          chunk_length=32, test_every=5, checkpoint_every=5, test_episodes=5),
     )
 
 
@@ -215,17 +255,28 @@ PRESETS = {"paper": paper, "tiny": tiny, "cpu": cpu}
 
 
 def _parse_value(text: str, current: Any) -> Any:
+    """`text` read as a value of `current`'s type; ValueError (one line) if it is not one, or if it is
+    NaN or infinite for a float field."""
     if isinstance(current, bool):
         lowered = text.lower()
         if lowered in ("1", "true", "yes", "on"):
             return True
         if lowered in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"expected a boolean, got {text!r}")
+        raise ValueError(f"expected a boolean (true or false), got {text!r}")
     if isinstance(current, int):
-        return int(text)
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {text!r}") from None
     if isinstance(current, float):
-        return float(text)
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"expected a finite number, got {text!r}")
+        return value
     return text
 
 
