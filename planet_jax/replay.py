@@ -15,6 +15,7 @@ file under a final name. Images stay uint8 in memory; only a sampled batch is ev
 from __future__ import annotations
 
 import copy
+import errno
 import os
 import re
 import tempfile
@@ -33,6 +34,23 @@ Episode = dict[str, np.ndarray]
 
 class CorruptEpisodeError(ValueError):
     """An episode file that cannot be read completely (truncated, corrupt or inconsistent)."""
+
+
+class StorageError(OSError):
+    """An episode file could not be written (disk full, folder removed, permission lost).
+
+    An OSError carrying the failed call's `errno` and the episode's `filename`, because it is one:
+    the input was fine and the same write can succeed once the disk is fixed, and code that already
+    handles OSError keeps handling it. Its text is one line naming the file and the reason.
+    """
+
+    def __init__(self, message: str, code: int | None = None, filename: str | None = None):
+        super().__init__(message)
+        self.errno, self.filename = code, filename
+        self.strerror = os.strerror(code) if code is not None else None
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 def validate_episode(episode: Episode) -> int:
@@ -71,23 +89,40 @@ def episode_filename(index: int, rows: int) -> str:
 
 
 def save_episode(directory, episode: Episode, index: int) -> Path:
-    """Writes `episode` atomically to `directory/episode_{index:06d}_{rows}.npz`; returns the path."""
+    """Writes `episode` atomically to `directory/episode_{index:06d}_{rows}.npz`; returns the path.
+
+    The data goes to a temp file in the same directory, is flushed to disk, then renamed over the
+    final name, so the final name only ever holds a whole episode.
+
+    Raises:
+      ValueError: the episode is inconsistent (`validate_episode`) or `index` is negative.
+      StorageError: the file cannot be written (e.g. ENOSPC, EACCES, EROFS); the temp file is removed,
+        so nothing partial is left, and files written before are untouched.
+    """
     rows = validate_episode(episode)
     if index < 0:
         raise ValueError(f"episode index must be >= 0, got {index}")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / episode_filename(index, rows)
-    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=".tmp_episode_", suffix=".npz")
+    tmp_name = None
     try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=".tmp_episode_", suffix=".npz")
         with os.fdopen(fd, "wb") as f:
             np.savez_compressed(f, **{key: episode[key] for key in KEYS})
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
+    except BaseException as err:
+        if tmp_name is not None:
+            try:
+                os.remove(tmp_name)
+            except OSError:  # already gone, or its folder is
+                pass
+        if isinstance(err, OSError):
+            code = errno.errorcode.get(err.errno, "")
+            reason = (err.strerror or str(err) or type(err).__name__) + (f" ({code})" if code else "")
+            raise StorageError(f"cannot write episode {path}: {reason}", err.errno, str(path)) from err
         raise
     return path
 

@@ -1,9 +1,12 @@
 """Tests for planet_jax.replay: file format, atomic writes, corruption handling, chunk sampling."""
+import errno
 import json
+import os
 import warnings
 
 import numpy as np
 import pytest
+from planet_jax import replay as replay_module
 
 from planet_jax.replay import (CorruptEpisodeError, Replay, load_episode, save_episode)
 
@@ -61,6 +64,79 @@ def test_save_rejects_inconsistent_episode(tmp_path, bad):
     with pytest.raises(ValueError):
         save_episode(tmp_path, episode, 0)
     assert list(tmp_path.iterdir()) == []
+
+
+def _episodes_then_failed_write(tmp_path, monkeypatch, target, failure):
+    """Two episodes written, then a third whose `target` call (in planet_jax.replay) raises
+    `failure`, after writing part of the file where it is the writer. Returns the error."""
+    rng = np.random.default_rng(9)
+    first = [random_episode(rng, 5 + i) for i in range(2)]
+    for i, episode in enumerate(first):
+        save_episode(tmp_path, episode, i)
+    module, name = target
+    original = getattr(module, name)
+
+    def failing(*args, **kwargs):
+        if name == "savez_compressed":
+            args[0].write(b"PK\x03\x04 part of an episode")
+        raise failure
+    monkeypatch.setattr(module, name, failing)
+    with pytest.raises(replay_module.StorageError) as info:
+        save_episode(tmp_path, random_episode(rng, 9), 2)
+    monkeypatch.setattr(module, name, original)
+    # Nothing partial anywhere (no temp file either), and the earlier episodes read back whole.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["episode_000000_5.npz", "episode_000001_6.npz"]
+    for i, episode in enumerate(first):
+        loaded = load_episode(tmp_path / f"episode_{i:06d}_{5 + i}.npz")
+        np.testing.assert_array_equal(loaded["obs"], episode["obs"])
+    assert "\n" not in str(info.value)
+    return info.value
+
+
+@pytest.mark.parametrize("target, code", [
+    ((replay_module.np, "savez_compressed"), errno.ENOSPC),   # disk full while writing
+    ((replay_module.tempfile, "mkstemp"), errno.EACCES),      # permission lost
+    ((replay_module.os, "replace"), errno.ENOENT),            # folder removed before the rename
+])
+def test_a_failed_episode_write_is_one_line_and_leaves_nothing_partial(tmp_path, monkeypatch, target, code):
+    error = _episodes_then_failed_write(tmp_path, monkeypatch, target, OSError(code, os.strerror(code)))
+    path = tmp_path / "episode_000002_9.npz"
+    assert str(error) == f"cannot write episode {path}: {os.strerror(code)} ({errno.errorcode[code]})"
+    assert isinstance(error, OSError) and error.errno == code and error.filename == str(path)
+    # Once the disk is fixed the same write succeeds.
+    episode = random_episode(np.random.default_rng(10), 9)
+    assert load_episode(save_episode(tmp_path, episode, 2))["reward"].tolist() == episode["reward"].tolist()
+
+
+# A real failed write, no patching: the child may write files of at most 4 KiB (RLIMIT_FSIZE), so
+# the kernel refuses the first episode's bytes past that with EFBIG, as a full disk refuses them.
+SIZE_LIMITED_WRITER = """
+import resource, signal, sys
+import numpy as np
+from planet_jax import replay
+rng = np.random.default_rng(0)
+episode = lambda rows: {"obs": rng.integers(0, 256, (rows, 8, 8, 3), dtype=np.uint8),
+                        "action": np.zeros((rows, 2), np.float32), "reward": np.zeros(rows, np.float32)}
+replay.save_episode(sys.argv[1], episode(2), 0)  # about 1 KiB: fits
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get the error, not the signal that kills
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+try:
+    replay.save_episode(sys.argv[1], episode(200), 1)
+except replay.StorageError as err:
+    print(err)
+"""
+
+
+def test_a_write_the_kernel_refuses_leaves_nothing_partial(tmp_path):
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-c", SIZE_LIMITED_WRITER, str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    path = tmp_path / "episode_000001_200.npz"
+    assert result.stdout == f"cannot write episode {path}: File too large (EFBIG)\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["episode_000000_2.npz"]
+    assert load_episode(tmp_path / "episode_000000_2.npz")["obs"].shape == (2, 8, 8, 3)
 
 
 def truncate(path):
