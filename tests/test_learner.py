@@ -80,6 +80,37 @@ def test_compiled_ahead_step_equals_jitted_step_and_init_equals_eager_init():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_non_finite_updates_are_skipped_and_a_clean_batch_then_trains_normally():
+    """A NaN reward and an inf pixel each leave the state bit for bit as it was, with skipped = 1;
+    a clean batch afterwards gives exactly the update a fresh step from that state gives.
+
+    Stored frames are uint8 and cannot hold inf, so the inf pixel comes in a float32 copy of the
+    frames: the step casts o to float32 before preprocessing (`networks.preprocess`), so this is
+    the value an encoder input and an image-likelihood target would carry if a frame went bad.
+    """
+    cfg = config.tiny()
+    step = learner.make_train_step(cfg)
+    snapshot = lambda tree: jax.tree.map(np.array, tree)  # the step donates its input state
+    state = learner.init_train_state(cfg, 2, jax.random.PRNGKey(0))
+    before = snapshot(state)
+    clean = _structured_batch(4, 8, 2, jax.random.PRNGKey(1))
+    nan_reward = clean._replace(reward=clean.reward.at[2, 5].set(jnp.nan))
+    inf_pixel = clean._replace(obs=clean.obs.astype(jnp.float32).at[1, 3, 10, 20, 0].set(jnp.inf))
+    for bad in (nan_reward, inf_pixel):
+        state, metrics = step(state, bad, jax.random.PRNGKey(5))
+        assert float(metrics["skipped"]) == 1.0
+        assert not np.isfinite(float(metrics["loss"]))
+        jax.tree.map(np.testing.assert_array_equal, snapshot(state), before)
+    assert int(state.step) == 0
+    state, metrics = step(state, clean, jax.random.PRNGKey(6))
+    fresh, fresh_metrics = step(jax.tree.map(jnp.asarray, before), clean, jax.random.PRNGKey(6))
+    assert float(metrics["skipped"]) == 0.0 and int(state.step) == 1
+    jax.tree.map(np.testing.assert_array_equal, snapshot(state), snapshot(fresh))
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(snapshot(state.params)),
+                                                         jax.tree.leaves(before.params)))
+
+
 def test_release_free_memory_trims_on_glibc():
     import platform
-    assert learner.release_free_memory() == (platform.libc_ver()[0] == "glibc")
+    from planet_jax import runtime
+    assert runtime.release_free_memory() == (platform.libc_ver()[0] == "glibc")
