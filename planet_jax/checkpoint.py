@@ -163,7 +163,8 @@ class Checkpointer:
 
         By default a checkpoint that cannot be read (files missing or damaged, e.g. by a kill in the
         middle of writing it) is skipped with a `warnings.warn` naming it and the one restored
-        instead; so is a newer write that never finished.
+        instead; so is a newer write that never finished. A checkpoint that a killed `save` had set
+        aside to write its step again is put back first.
 
         Raises:
           CheckpointError (one line) if there is no checkpoint, if `step` is given and cannot be

@@ -114,6 +114,18 @@ def test_a_failed_save_is_one_line_and_keeps_every_earlier_checkpoint(tmp_path, 
     assert _names(tmp_path) == ["2", "3"]
 
 
+def test_a_checkpoint_set_aside_by_a_killed_save_is_put_back(tmp_path):
+    """What a kill leaves while checkpoint 2 is written again: the old 2 set aside, the new one unfinished."""
+    _saved(tmp_path, [1, 2])
+    (tmp_path / "2").rename(tmp_path / "2.replaced")
+    (tmp_path / "2.orbax-checkpoint-tmp" / "state").mkdir(parents=True)
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    _assert_restored(ckpt, 2)
+    assert _names(tmp_path) == ["1", "2", "2.orbax-checkpoint-tmp"]
+    ckpt.save(3, _state(3), {"episode": 3})
+    assert _names(tmp_path) == ["2", "3"]
+
+
 # A child process saves checkpoints 1 and 2; then the kernel refuses checkpoint 3's files past 4 KiB
 # (RLIMIT_FSIZE: a real failed write, as on a full disk); then, with no limit, it starts checkpoint 3
 # again and blocks inside orbax's writer just before the commit, where the test kills it with SIGKILL.
