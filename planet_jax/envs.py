@@ -211,14 +211,14 @@ class ControlSuiteEnv:
         self._env.close()
 
 
-def _import_gymnasium():
+def _import_gymnasium(name: str):
     # rgb_array frames need no display; without this SDL (under Gymnasium's pygame renderers) looks
     # for one and prints an error line on a headless machine.
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
     try:
         return importlib.import_module("gymnasium")
     except ImportError:
-        raise UnsupportedEnvError("gym: environments need Gymnasium: pip install -e '.[gym]' "
+        raise UnsupportedEnvError(f"{name} needs Gymnasium: pip install -e '.[gym]' "
                                   "(or pip install 'gymnasium[classic-control]')") from None
 
 
@@ -232,8 +232,8 @@ class GymnasiumEnv:
     """
 
     def __init__(self, env_id: str, size: int):
-        gym = _import_gymnasium()
         name = GYM_PREFIX + env_id
+        gym = _import_gymnasium(name)
         try:
             try:
                 env = gym.make(env_id, render_mode="rgb_array", width=size, height=size)
