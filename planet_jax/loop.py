@@ -108,10 +108,11 @@ def prepare_logdir(logdir: Path, cfg: config.Config, env_name: str, seed: int) -
     return cfg
 
 
-def run_episode(env: envs.PixelEnv, act: Callable[[np.ndarray], np.ndarray], stop: StopFlag | None = None
-                ) -> tuple[dict[str, np.ndarray] | None, dict[str, float]]:
-    """Steps one episode with `act(obs) -> action`; returns the episode (None if stopped) and timings."""
-    obs = env.reset()
+def run_episode(env: envs.PixelEnv, act: Callable[[np.ndarray], np.ndarray], seed: int,
+                stop: StopFlag | None = None) -> tuple[dict[str, np.ndarray] | None, dict[str, float]]:
+    """Steps one episode from `env.reset(seed)` with `act(obs) -> action`; returns the episode (None if
+    stopped) and timings."""
+    obs = env.reset(seed)
     frames, actions, rewards = [obs], [np.zeros(env.action_dim, np.float32)], [0.0]
     act_time = env_time = 0.0
     done = False
@@ -121,7 +122,8 @@ def run_episode(env: envs.PixelEnv, act: Callable[[np.ndarray], np.ndarray], sto
         t0 = time.perf_counter()
         action = np.asarray(act(obs), np.float32)
         t1 = time.perf_counter()
-        obs, reward, done = env.step(action)
+        step = env.step(action)
+        obs, reward, done = step.obs, step.reward, step.done
         env_time += time.perf_counter() - t1
         act_time += t1 - t0
         frames.append(obs)
@@ -163,13 +165,13 @@ def collect(env: envs.PixelEnv, venv: vec_env.VecEnv | None, act: Callable[[np.n
             ) -> tuple[list[dict[str, np.ndarray]] | None, dict[str, Any]]:
     """One round: `count` episodes with `act(obs (N, 64, 64, 3)) -> (N, A)`.
 
-    Without `venv` (num_envs = 1) the in-process `env` plays one episode, continuing its own seed's
-    stream. With `venv`, environment i plays episode first_index + i from
-    `vec_env.episode_seed(seed, first_index + i)`. Returns (episodes or None if stopped, timings
+    Environment i plays episode first_index + i from `vec_env.episode_seed(seed, first_index + i)`:
+    without `venv` (num_envs = 1) the in-process `env` plays one episode, else the workers. Returns (episodes or None if stopped, timings
     with the list of returns).
     """
     if venv is None:
-        episode, timing = run_episode(env, lambda obs: act(obs[None])[0], stop)
+        episode, timing = run_episode(env, lambda obs: act(obs[None])[0],
+                                      vec_env.episode_seed(seed, first_index), stop)
         if episode is None:
             return None, {}
         return [episode], {"returns": [timing["return"]], "act_seconds": timing["act_seconds"],
@@ -191,7 +193,7 @@ def _crossed(before: int, after: int, every: int) -> bool:
     return max(after, 0) // every > max(before, 0) // every
 
 
-def train(cfg: config.Config, env_name: str, logdir: str | Path, seed: int = 0,
+def train(cfg: config.Config, env_spec: envs.EnvSpec, logdir: str | Path, seed: int = 0,
           progress: bool = True) -> dict[str, Any]:
     """Runs (or resumes) training in `logdir`; returns the last record written.
 
@@ -206,7 +208,8 @@ def train(cfg: config.Config, env_name: str, logdir: str | Path, seed: int = 0,
         parallel.check_batch_size(cfg.train.batch_size, mesh)
     except ValueError as err:
         raise RunError(str(err)) from None
-    env = envs.make_env(env_name, seed, cfg.train.action_repeat, cfg.train.episode_steps)
+    env_name = envs.env_name(env_spec)
+    env = envs.make_env(env_spec, cfg.train.action_repeat, cfg.train.episode_steps)
     if cfg.train.chunk_length > env.max_agent_steps + 1:
         env.close()
         raise RunError(f"train.chunk_length ({cfg.train.chunk_length}) is longer than an episode of "
@@ -313,7 +316,8 @@ def train(cfg: config.Config, env_name: str, logdir: str | Path, seed: int = 0,
                     key, k_test = jax.random.split(key)
                     if primary:  # acting uses this process's replica only; the others go on
                         record.update(test_episode(cfg, env, actor, parallel.local_copy(state.params),
-                                                   k_test, logdir / "videos", memory.num_episodes, stop))
+                                                   k_test, logdir / "videos", memory.num_episodes, stop,
+                                                   vec_env.episode_seed(seed + 1, memory.num_episodes)))
                 elapsed = time.perf_counter() - t_start
                 steps = sum(len(episode["reward"]) - 1 for episode in episodes) * env.action_repeat
                 record.update({"env_steps": memory.num_steps * env.action_repeat,
@@ -343,10 +347,12 @@ def train(cfg: config.Config, env_name: str, logdir: str | Path, seed: int = 0,
 
 
 def test_episode(cfg: config.Config, env: envs.PixelEnv, actor: PlannerActor, params, key: jax.Array,
-                 video_dir: Path, episode_index: int, stop: StopFlag | None = None) -> dict[str, float]:
-    """One noise-free episode; writes its video and the open-loop prediction video."""
+                 video_dir: Path, episode_index: int, stop: StopFlag | None = None, env_seed: int = 0
+                 ) -> dict[str, float]:
+    """One noise-free episode from `env.reset(env_seed)`; writes its video and the open-loop
+    prediction video."""
     k_act, k_video = jax.random.split(key)
-    episode, timing = run_episode(env, actor.start(params, k_act, 0.0), stop)
+    episode, timing = run_episode(env, actor.start(params, k_act, 0.0), env_seed, stop)
     if episode is None:
         return {}
     logger.write_video(video_dir / f"test_{episode_index:06d}.mp4", episode["obs"])
@@ -397,14 +403,14 @@ def evaluate(logdir: str | Path, episodes: int, seed: int = 12345) -> list[float
         raise ValueError(f"--episodes must be positive, got {episodes}")
     logdir = Path(logdir)
     cfg, env_name, _ = load_run(logdir)
-    env = envs.make_env(env_name, seed, cfg.train.action_repeat, cfg.train.episode_steps)
+    env = envs.make_env(env_name, cfg.train.action_repeat, cfg.train.episode_steps)
     try:
         params = load_params(logdir, env.action_dim)
         actor = PlannerActor(agent.make_policy(cfg, env.action_dim), cfg, env.action_dim)
         (logdir / "videos").mkdir(exist_ok=True)
         returns = []
         for i, key in enumerate(jax.random.split(jax.random.PRNGKey(seed), episodes)):
-            episode, timing = run_episode(env, actor.start(params, key, 0.0))
+            episode, timing = run_episode(env, actor.start(params, key, 0.0), vec_env.episode_seed(seed, i))
             logger.write_video(logdir / "videos" / f"eval_{i:03d}.mp4", episode["obs"])
             returns.append(timing["return"])
         return returns

@@ -72,17 +72,17 @@ def predicted_rewards(params, cfg: ModelConfig, state: rssm.RSSMState, actions: 
 def true_rewards(env_name: str, seed: int, action_repeat: int, episode_steps: int,
                  prefix: np.ndarray, sequences: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Simulator rewards (N, H) of sequences (N, H, A), each played after the actions prefix (K, A)
-    from the start of the episode that `envs.make_env(env_name, seed, ...)` resets to; and the K + 1
+    from the start of the episode that `envs.make_env(env_name, ...).reset(seed)` starts; and the K + 1
     frames of the prefix (reset frame first)."""
     rewards, frames = [], None
     for sequence in sequences:
-        env = envs.make_env(env_name, seed, action_repeat, episode_steps)
+        env = envs.make_env(env_name, action_repeat, episode_steps)
         try:
-            seen = [env.reset()]
+            seen = [env.reset(seed)]
             for a in prefix:
-                seen.append(env.step(a)[0])
+                seen.append(env.step(a).obs)
             frames = np.stack(seen) if frames is None else frames
-            rewards.append([env.step(a)[1] for a in sequence])
+            rewards.append([env.step(a).reward for a in sequence])
         finally:
             env.close()
     return np.asarray(rewards, np.float64), frames

@@ -157,6 +157,11 @@ class Replay:
     episode of R rows is chosen in proportion to R - L + 1 for chunk length L. Uniform starts put
     row t < L of an episode in a chunk only (t + 1) / L times as often as a row in the middle (row
     0 only in chunks that start there); `sample(..., cover_ends=True)` evens that out.
+
+    Episodes that end early (a terminal state, e.g. Gymnasium's `terminated`) are stored with the
+    rows they have, and a chunk never crosses an episode end. An episode shorter than the chunk
+    length is kept on disk but skipped by sampling, not padded: padding would teach the model
+    frames and rewards the environment never produced.
     """
 
     def __init__(self, directory, seed: int):
@@ -241,8 +246,12 @@ class Replay:
         times as often). A chunk starts at the episode's first frame L times as often as at any
         middle row: the state the agent's filter starts from at every reset.
 
+        Episodes with fewer than L rows are never drawn (see the class docstring).
+
         Returns:
           obs uint8 (B, L, H, W, 3), action float32 (B, L, A), reward float32 (B, L).
+        Raises:
+          ValueError (one line) for a non-positive size, an empty replay, or no episode of L rows.
         """
         if batch_size <= 0 or chunk_length <= 0:
             raise ValueError(f"batch_size and chunk_length must be positive, "
@@ -252,8 +261,9 @@ class Replay:
         rows = np.asarray(self._rows)
         valid = rows >= chunk_length
         if not valid.any():
-            raise ValueError(f"no episode has at least chunk_length={chunk_length} rows "
-                             f"(longest has {max(self._rows)})")
+            raise ValueError(f"no episode has at least chunk_length={chunk_length} rows (longest has "
+                             f"{max(self._rows)}); shorter episodes are skipped, not padded: lower "
+                             "train.chunk_length or collect longer episodes")
         # Candidate starts per episode: 0 .. R - L, or -(L - 1) .. R - 1 before clamping.
         extra = chunk_length - 1 if cover_ends else 0
         starts_per_episode = np.where(valid, rows - chunk_length + 1 + 2 * extra, 0)

@@ -13,8 +13,8 @@ whole process group; the parent decides when to stop) and are shut down by `clos
 resort, terminated with the parent because they are daemons.
 
 Seeds: episode k of a run (its index in the replay) starts from `episode_seed(seed, k)`, so any
-collected episode can be reproduced alone with `envs.make_env(name, episode_seed(seed, k))` and its
-stored actions. A round collects episodes k0 .. k0 + N - 1 in environments 0 .. N - 1.
+collected episode can be reproduced alone with `envs.make_env(name).reset(episode_seed(seed, k))` and
+its stored actions. A round collects episodes k0 .. k0 + N - 1 in environments 0 .. N - 1.
 """
 from __future__ import annotations
 
@@ -38,29 +38,19 @@ def episode_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
-def _reseed(env: envs.PixelEnv, seed: int) -> None:
-    """Makes the next reset of `env` equal to the first reset of a fresh env built with `seed`.
-
-    dm_control draws initial states from the task's RandomState and resets the physics fully, so
-    re-seeding that RandomState in place is equivalent to rebuilding the env, without paying for a
-    new rendering context (about 0.3 s) every round.
-    """
-    env._env.task.random.seed(seed)  # noqa: SLF001 - PixelEnv has no public re-seed yet
-
-
 def _worker(conn, name: str, action_repeat: int, episode_steps: int, size: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     env = None
     try:
-        env = envs.make_env(name, 0, action_repeat, episode_steps, size)
+        env = envs.make_env(name, action_repeat, episode_steps, size)
         conn.send(("ok", (env.action_dim, env.action_repeat, env.max_agent_steps)))
         while True:
             command, data = conn.recv()
             if command == "reset":
-                _reseed(env, data)
-                conn.send(("ok", env.reset()))
+                conn.send(("ok", env.reset(data)))
             elif command == "step":
-                conn.send(("ok", env.step(data)))
+                step = env.step(data)
+                conn.send(("ok", (step.obs, step.reward, step.done)))
             elif command == "close":
                 break
             else:
@@ -89,7 +79,7 @@ class VecEnv:
                  size: int = 64):
         if num_envs <= 0:
             raise ValueError(f"num_envs must be positive, got {num_envs}")
-        if name not in envs.task_names():
+        if not name.startswith(envs.GYM_PREFIX) and name not in envs.task_names():
             raise envs.UnknownTaskError(f"unknown task {name!r}; valid names: {', '.join(envs.task_names())}")
         self.name, self.num_envs = name, num_envs
         context = mp.get_context("spawn")
