@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 
 from planet_jax import networks, objective, parallel, runtime
 from planet_jax.config import Config, OptimConfig
-from planet_jax.objective import Batch
+from planet_jax.replay import Batch
 
 
 class TrainState(NamedTuple):

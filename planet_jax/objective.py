@@ -14,7 +14,7 @@ log-likelihoods drop their constants: -log N(x; mu, I) = ||x - mu||^2 / 2 + cons
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import chex
 import jax
@@ -22,14 +22,8 @@ import jax.numpy as jnp
 
 from planet_jax import networks, rssm
 from planet_jax.config import LossConfig, ModelConfig
+from planet_jax.replay import Batch
 from planet_jax.rssm import Gaussian, RSSMState
-
-
-class Batch(NamedTuple):
-    """A batch of sequences: o uint8 (B, T, 64, 64, 3), a (B, T, |a|), r (B, T)."""
-    obs: jax.Array
-    action: jax.Array
-    reward: jax.Array
 
 
 def kl_divergence(q: Gaussian, p: Gaussian) -> jax.Array:

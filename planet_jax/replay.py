@@ -22,6 +22,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from typing import NamedTuple
+
 import numpy as np
 
 KEYS = ("obs", "action", "reward")
@@ -30,6 +32,15 @@ _NDIMS = {"obs": 4, "action": 2, "reward": 1}
 _FILE_RE = re.compile(r"^episode_(\d+)_(\d+)\.npz$")
 
 Episode = dict[str, np.ndarray]
+
+
+class Batch(NamedTuple):
+    """B chunks of L consecutive rows, as `Replay.sample` draws them and the train step reads them
+    (numpy or JAX arrays): obs uint8 (B, L, H, W, 3) holds o_t, action float32 (B, L, |a|) a_{t-1},
+    reward float32 (B, L) r_t."""
+    obs: np.ndarray
+    action: np.ndarray
+    reward: np.ndarray
 
 
 class CorruptEpisodeError(ValueError):
@@ -237,7 +248,7 @@ class Replay:
         return path
 
     def sample(self, batch_size: int, chunk_length: int, cover_ends: bool = False
-               ) -> dict[str, np.ndarray]:
+               ) -> Batch:
         """Draws B chunks of L consecutive rows, each from inside one episode.
 
         With `cover_ends`, starts are drawn uniformly from -(L - 1) .. R - 1 for an episode of R rows
@@ -249,7 +260,7 @@ class Replay:
         Episodes with fewer than L rows are never drawn (see the class docstring).
 
         Returns:
-          obs uint8 (B, L, H, W, 3), action float32 (B, L, A), reward float32 (B, L).
+          a Batch: obs uint8 (B, L, H, W, 3), action float32 (B, L, A), reward float32 (B, L).
         Raises:
           ValueError (one line) for a non-positive size, an empty replay, or no episode of L rows.
         """
@@ -272,11 +283,8 @@ class Replay:
         which = np.searchsorted(ends, flat, side="right")
         starts = flat - (ends[which] - starts_per_episode[which]) - extra
         starts = np.clip(starts, 0, rows[which] - chunk_length)
-        return {
-            key: np.stack([self._episodes[e][key][s:s + chunk_length]
-                           for e, s in zip(which, starts)])
-            for key in KEYS
-        }
+        return Batch(*(np.stack([self._episodes[e][key][s:s + chunk_length] for e, s in zip(which, starts)])
+                       for key in KEYS))
 
     def state_dict(self) -> dict:
         """The sampling generator's state, JSON-serialisable."""

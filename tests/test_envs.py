@@ -214,7 +214,7 @@ def test_early_ending_episodes_in_the_replay(tmp_path):
     chunk = 8
     batch = memory.sample(300, chunk)
     drawn = set()
-    for obs in batch["obs"]:
+    for obs in batch.obs:
         episode = obs[:, 0, 0, 0]
         t = obs[:, 0, 0, 1].astype(int) + 256 * obs[:, 0, 0, 2].astype(int)
         assert (episode == episode[0]).all()  # one episode

@@ -197,9 +197,9 @@ def test_sample_shapes_and_dtypes(tmp_path):
     replay.add(coded_episode(0, 10))
     replay.add(coded_episode(1, 12))
     batch = replay.sample(4, 6)
-    assert batch["obs"].shape == (4, 6, SIZE, SIZE, 3) and batch["obs"].dtype == np.uint8
-    assert batch["action"].shape == (4, 6, A) and batch["action"].dtype == np.float32
-    assert batch["reward"].shape == (4, 6) and batch["reward"].dtype == np.float32
+    assert batch.obs.shape == (4, 6, SIZE, SIZE, 3) and batch.obs.dtype == np.uint8
+    assert batch.action.shape == (4, 6, A) and batch.action.dtype == np.float32
+    assert batch.reward.shape == (4, 6) and batch.reward.dtype == np.float32
 
 
 @pytest.mark.parametrize("cover_ends", [False, True])
@@ -212,12 +212,12 @@ def test_sampled_chunks_are_contiguous_slices_of_one_episode(tmp_path, cover_end
     batch = replay.sample(200, chunk, cover_ends)
     seen_starts = set()
     for b in range(200):
-        episode_id = int(batch["action"][b, 0, 0])
-        start = int(batch["action"][b, 0, 1])
+        episode_id = int(batch.action[b, 0, 0])
+        start = int(batch.action[b, 0, 1])
         assert 0 <= start <= lengths[episode_id] - chunk
         expected = coded_episode(episode_id, lengths[episode_id])
         for key in ("obs", "action", "reward"):
-            np.testing.assert_array_equal(batch[key][b], expected[key][start:start + chunk])
+            np.testing.assert_array_equal(getattr(batch, key)[b], expected[key][start:start + chunk])
         seen_starts.add((episode_id, start))
     # Every valid (episode, start) pair is reachable: 1 + 5 + 12 + 3 = 21 pairs, 200 draws.
     assert len(seen_starts) == sum(n - chunk + 1 for n in lengths)
@@ -228,7 +228,7 @@ def test_sampling_is_uniform_over_valid_starts(tmp_path):
     replay.add(coded_episode(0, 10))
     replay.add(coded_episode(1, 30))
     chunk, draws = 5, 20000
-    episode_ids = replay.sample(draws, chunk)["action"][:, 0, 0]
+    episode_ids = replay.sample(draws, chunk).action[:, 0, 0]
     p = (30 - chunk + 1) / ((10 - chunk + 1) + (30 - chunk + 1))  # 26 / 32
     std = np.sqrt(p * (1 - p) / draws)
     assert abs(np.mean(episode_ids == 1) - p) < 5 * std
@@ -252,7 +252,7 @@ def test_cover_ends_start_distribution_and_coverage(tmp_path):
             expected[pair] = expected.get(pair, 0) + 1
     total = sum(expected.values())
     batch = replay.sample(draws, chunk, cover_ends=True)
-    pairs = [(int(e), int(s)) for e, s in batch["action"][:, 0]]
+    pairs = [(int(e), int(s)) for e, s in batch.action[:, 0]]
     counts = {pair: pairs.count(pair) for pair in set(pairs)}
     assert set(counts) == set(expected)  # the 3-row episode never, every clamped start reachable
     for pair, weight in expected.items():
@@ -262,7 +262,7 @@ def test_cover_ends_start_distribution_and_coverage(tmp_path):
 
     # Row coverage of the 30-row episode: uniform starts against cover_ends.
     def coverage(sample):
-        rows = sample["action"][sample["action"][:, 0, 0] == 2][:, :, 1].astype(int)
+        rows = sample.action[sample.action[:, 0, 0] == 2][:, :, 1].astype(int)
         return np.bincount(rows.ravel(), minlength=30) / len(rows)
     uniform = coverage(replay.sample(draws, chunk))
     covered = coverage(batch)
@@ -285,8 +285,8 @@ def test_sample_errors(tmp_path):
         replay.sample(2, 0)
     # A chunk exactly as long as the longest episode has one valid start.
     batch = replay.sample(3, 6)
-    np.testing.assert_array_equal(batch["action"][:, :, 0], 1)
-    np.testing.assert_array_equal(batch["action"][:, 0, 1], 0)
+    np.testing.assert_array_equal(batch.action[:, :, 0], 1)
+    np.testing.assert_array_equal(batch.action[:, 0, 1], 0)
 
 
 def test_add_rejects_mismatched_action_dim(tmp_path):
@@ -309,10 +309,10 @@ def test_same_seed_same_samples(tmp_path):
     fill(first)
     fill(second)
     for _ in range(3):
-        np.testing.assert_array_equal(first.sample(8, 4)["reward"], second.sample(8, 4)["reward"])
+        np.testing.assert_array_equal(first.sample(8, 4).reward, second.sample(8, 4).reward)
     other = Replay(tmp_path / "c", seed=6)
     fill(other)
-    assert not np.array_equal(first.sample(8, 4)["reward"], other.sample(8, 4)["reward"])
+    assert not np.array_equal(first.sample(8, 4).reward, other.sample(8, 4).reward)
 
 
 def test_state_dict_restore_continues_stream(tmp_path):
@@ -320,10 +320,10 @@ def test_state_dict_restore_continues_stream(tmp_path):
     fill(replay)
     replay.sample(8, 4)
     state = json.loads(json.dumps(replay.state_dict()))  # survives a JSON checkpoint
-    expected = [replay.sample(8, 4)["reward"] for _ in range(3)]
+    expected = [replay.sample(8, 4).reward for _ in range(3)]
 
     resumed = Replay(tmp_path, seed=123)
     resumed.load()
     resumed.load_state_dict(state)
     for want in expected:
-        np.testing.assert_array_equal(resumed.sample(8, 4)["reward"], want)
+        np.testing.assert_array_equal(resumed.sample(8, 4).reward, want)
