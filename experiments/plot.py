@@ -4,35 +4,35 @@
   python -m experiments.plot --logdir runs/walker_walk/0 runs/walker_walk/1 runs/walker_walk/2 --random-return 40
 
 Reads each run's metrics.jsonl and run.json. Runs of the same task are seeds of one curve: the line
-is their mean and the band their min..max at each episode. Three panels: train (faint) and test
+is their mean and the band their min..max at each episode; a single run's test band is the mean
+plus and minus the standard deviation of its test episodes. Three panels: train (faint) and test
 (solid) return against episodes, the same against environment steps, and the loss terms (image,
 reward, KL) against episodes. The PNG goes to --out, by default curves.png in the first run folder.
 """
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from planet_jax import logger
+from planet_jax import logger, rundir
 
 LOSS_TERMS = ("image_loss", "reward_loss", "kl_loss")
 
 
 def load_run(logdir: Path) -> tuple[str, list[dict]]:
-    """(task name, records) of a run folder; ValueError naming what is missing or unreadable."""
+    """(task name, records) of a run folder; ValueError naming what is missing or unreadable. A
+    folder with metrics.jsonl but no readable run.json is named after itself."""
     metrics = logdir / "metrics.jsonl"
     if not metrics.is_file():
         raise ValueError(f"{logdir} has no metrics.jsonl (is it a run folder?)")
-    records = logger.read_metrics(metrics)
     try:
-        task = json.loads((logdir / "run.json").read_text())["env"]
-    except (OSError, ValueError, KeyError):
+        task = rundir.read(logdir)[1]
+    except rundir.RunError:
         task = logdir.name
-    return task, [r for r in records if "episode" in r]
+    return task, [r for r in logger.read_metrics(metrics) if "episode" in r]
 
 
 def curve(runs: list[list[dict]], key: str, x_key: str = "episode") -> dict[str, np.ndarray]:
@@ -74,6 +74,11 @@ def plot(groups: dict[str, list[list[dict]]], out: Path, random_return: float | 
                         marker="o" if key == "test_return" else None, markersize=3)
                 if len(runs) > 1:
                     ax.fill_between(c["x"], c["low"], c["high"], color=color, alpha=0.15 * alpha)
+                elif key == "test_return":  # one run: the spread of its test episodes
+                    std = curve(runs, "test_return_std", x_key)
+                    if len(std["x"]) == len(c["x"]):
+                        ax.fill_between(c["x"], c["mean"] - std["mean"], c["mean"] + std["mean"],
+                                        color=color, alpha=0.15)
         for term, style in zip(LOSS_TERMS, ("-", "--", ":")):
             c = curve(runs, term)
             if len(c["x"]):

@@ -7,7 +7,7 @@
 device count; on a CPU the devices are forced with XLA_FLAGS=--xla_force_host_platform_device_count,
 which splits the same cores into several XLA devices (a check of the sharded path's overhead, not a
 speed-up). On GPUs or TPUs, --devices takes the first n real devices. `collect` times collection
-rounds of the loop (`loop.collect`) with the tiny model's planner choosing the actions, with 1
+rounds (`rollout.run_episodes`) with the tiny model's planner choosing the actions, with 1
 in-process environment or N worker processes. Prints one JSON line per measurement.
 """
 from __future__ import annotations
@@ -60,34 +60,31 @@ def _train_worker(args) -> dict:
 def _collect(args, num_envs: int) -> dict:
     import jax
 
-    from planet_jax import agent, config, envs, learner, loop, vec_env
+    from planet_jax import agent, config, learner, loop, rollout
 
     cfg = config.override(config.tiny(), [f"train.num_envs={num_envs}", f"train.episode_steps={args.steps}"])
-    tc = cfg.train
-    env = envs.make_env(args.env, 0, tc.action_repeat, tc.episode_steps)
-    params = learner.init_train_state(cfg, env.action_dim, jax.random.PRNGKey(0)).params
-    actor = loop.PlannerActor(agent.make_policy(cfg, env.action_dim), cfg, env.action_dim)
-    venv = vec_env.VecEnv(args.env, num_envs, tc.action_repeat, tc.episode_steps) if num_envs > 1 else None
+    pool = rollout.make_envs(loop.env_factory(args.env, cfg), num_envs, args.env)
+    params = learner.init_train_state(cfg, pool.action_dim, jax.random.PRNGKey(0)).params
+    policy = agent.make_policy(cfg, pool.action_dim)
     times, timings = [], []
     try:
         for r in range(args.rounds + 1):  # round 0 compiles the policy and opens the renderers
-            act = actor.start_batch(params, jax.random.PRNGKey(r), tc.expl_noise, num_envs)
+            act = agent.Actor(policy, cfg, pool.action_dim, num_envs, params, jax.random.PRNGKey(r),
+                              cfg.train.expl_noise)
+            seeds = [rollout.episode_seed(0, r * num_envs + i) for i in range(num_envs)]
             t0 = time.perf_counter()
-            episodes, timing = loop.collect(env, venv, act, r * num_envs, num_envs, 0)
+            _, played = rollout.run_episodes(pool, act, seeds)
             if r:
                 times.append(time.perf_counter() - t0)
-                timings.append(timing)
+                timings.append(played)
     finally:
-        env.close()
-        if venv is not None:
-            venv.close()
+        pool.close()
     median = statistics.median(times)
-    steps = len(episodes) * (len(episodes[0]["reward"]) - 1) * env.action_repeat
     return {"measure": "collection_round", "envs": num_envs, "env": args.env, "env_steps_per_episode": args.steps,
             "median_seconds": median, "min_seconds": min(times),
-            "act_seconds": statistics.median(t["act_seconds"] for t in timings),
-            "env_seconds": statistics.median(t["env_seconds"] for t in timings),
-            "env_steps_per_second": steps / median}
+            "act_seconds": statistics.median(t.act_seconds for t in timings),
+            "env_seconds": statistics.median(t.env_seconds for t in timings),
+            "env_steps_per_second": timings[-1].env_steps / median}
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,8 @@
-"""Train PlaNet on a DeepMind Control Suite task from pixels.
+"""Train PlaNet on a DeepMind Control Suite or Gymnasium task from pixels.
 
   python -m experiments.train --env walker_walk
   python -m experiments.train --env cartpole_swingup --preset tiny --logdir /tmp/run
+  python -m experiments.train --env gym:Pendulum-v1 --preset cpu --action-repeat 2
   python -m experiments.train --env cheetah_run --set loss.overshooting_distance=50 --set planner.candidates=500
   python -m experiments.train --env walker_walk --num-envs 4       # 4 environments collected at once
 
@@ -20,7 +21,8 @@ from planet_jax import config
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.train", description="Train PlaNet from pixels (Algorithm 1 of the paper).")
-    parser.add_argument("--env", default="walker_walk", help="domain_task, e.g. walker_walk, cup_catch")
+    parser.add_argument("--env", default="walker_walk",
+                        help="Control Suite domain_task (walker_walk, cup_catch) or gym:<id> (gym:Pendulum-v1)")
     parser.add_argument("--logdir", default=None, help="run folder (default runs/<env>/<seed>)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--episodes", type=int, default=None, help="total episodes, seed episodes included")
@@ -29,6 +31,10 @@ def main(argv=None) -> int:
                         help="override a config field, e.g. --set planner.candidates=500 (repeatable)")
     parser.add_argument("--num-envs", type=int, default=None, metavar="N",
                         help="environments collected at once, each in a worker process (train.num_envs)")
+    parser.add_argument("--action-repeat", type=int, default=None, metavar="R",
+                        help="environment steps per agent step (train.action_repeat; default: the task's)")
+    parser.add_argument("--test-episodes", type=int, default=None, metavar="N",
+                        help="noise-free episodes per evaluation (train.test_episodes)")
     parser.add_argument("--distributed", action="store_true",
                         help="one process of a multi-host run: call jax.distributed.initialize() first, "
                              "with arguments from the launcher's environment")
@@ -39,10 +45,9 @@ def main(argv=None) -> int:
             from planet_jax import parallel
             parallel.initialize_distributed()  # before anything else touches a device
         cfg = config.override(config.PRESETS[args.preset](), args.set)
-        if args.episodes is not None:
-            cfg = config.override(cfg, [f"train.episodes={args.episodes}"])
-        if args.num_envs is not None:
-            cfg = config.override(cfg, [f"train.num_envs={args.num_envs}"])
+        flags = {"episodes": args.episodes, "num_envs": args.num_envs, "action_repeat": args.action_repeat,
+                 "test_episodes": args.test_episodes}
+        cfg = config.override(cfg, [f"train.{name}={value}" for name, value in flags.items() if value is not None])
         cfg.validate()
         logdir = args.logdir or f"runs/{args.env}/{args.seed}"
         # Imported here, not at the top: environment workers are spawned processes that re-import

@@ -10,6 +10,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from planet_jax import networks, planner, rssm
 from planet_jax.config import Config, ModelConfig
@@ -50,6 +51,29 @@ def make_policy(cfg: Config, action_dim: int) -> Callable:
 
     return jax.jit(policy)
 
+
+
+class Actor:
+    """Acts in N environments with a policy from `make_policy`, carrying their belief between
+    steps (Algorithm 1's collection loop: update the belief with o_t, plan a_t, add noise).
+
+    Python side of the jitted policy: `actor(obs uint8 (N, 64, 64, 3)) -> actions float32 (N, |a|)`,
+    one policy call for all N environments; step t uses key fold_in(key, t). Make a new Actor for
+    each round of episodes (the belief starts at the zero state).
+    """
+
+    def __init__(self, policy: Callable, cfg: Config, action_dim: int, num_envs: int, params,
+                 key: jax.Array, noise: float):
+        self._policy, self._params, self._key = policy, params, key
+        self._noise = jnp.float32(noise)
+        self._belief = initial_belief(cfg, num_envs, action_dim)
+        self._t = 0
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        step_key = jax.random.fold_in(self._key, self._t)
+        action, self._belief = self._policy(self._params, self._belief, obs, step_key, self._noise)
+        self._t += 1
+        return np.asarray(action)
 
 @partial(jax.jit, static_argnums=(1, 5))
 def openloop_video(params, cfg: ModelConfig, obs: jax.Array, action: jax.Array, key: jax.Array,

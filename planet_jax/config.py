@@ -130,8 +130,6 @@ class TrainConfig:
     """Environment steps per episode (1000 in the Control Suite)."""
     test_every: int = 10
     """Run a noise-free test episode (with videos) after every this many collected episodes."""
-    checkpoint_every: int = 10
-    """Save a checkpoint after every this many episodes (and always on exit)."""
     num_envs: int = 1
     """Environments collected at once, each in its own process."""
     test_episodes: int = 5
@@ -166,7 +164,7 @@ class Config:
             "train.episodes": t.episodes, "train.seed_episodes": t.seed_episodes,
             "train.collect_interval": t.collect_interval, "train.batch_size": t.batch_size,
             "train.chunk_length": t.chunk_length, "train.episode_steps": t.episode_steps,
-            "train.test_every": t.test_every, "train.checkpoint_every": t.checkpoint_every,
+            "train.test_every": t.test_every,
             "train.num_envs": t.num_envs, "train.test_episodes": t.test_episodes,
             "train.max_skipped_updates": t.max_skipped_updates,
             "optim.lr": o.lr, "optim.clip_norm": o.clip_norm,
@@ -232,8 +230,7 @@ def tiny() -> Config:
         model=ModelConfig(h_size=16, s_size=4, hidden=16, cnn_depth=2, reward_hidden=16),
         planner=PlannerConfig(horizon=4, iterations=2, candidates=16, top_k=4),
         train=TrainConfig(episodes=4, seed_episodes=2, collect_interval=5, batch_size=4,
-                          chunk_length=8, episode_steps=100, test_every=1, checkpoint_every=1,
-                          test_episodes=2),
+                          chunk_length=8, episode_steps=100, test_every=1, test_episodes=2),
     )
 
 
@@ -247,7 +244,7 @@ def cpu() -> Config:
         model=ModelConfig(h_size=100, s_size=30, hidden=100, cnn_depth=16, reward_hidden=100),
         planner=PlannerConfig(horizon=12, iterations=6, candidates=250, top_k=25),
         train=TrainConfig(episodes=80, seed_episodes=5, collect_interval=40, batch_size=16,
-                          chunk_length=32, test_every=5, checkpoint_every=5, test_episodes=5),
+                          chunk_length=32, test_every=5, test_episodes=5),
     )
 
 
@@ -306,7 +303,16 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# Fields that older run folders' config.json files hold and that no longer exist: the loop now
+# checkpoints after every round, so that a stopped or killed run loses at most the round in progress.
+RETIRED_FIELDS = {"train": ("checkpoint_every",)}
+
+
 def from_dict(data: dict) -> Config:
+    """The Config of `to_dict`'s output (a config.json); fields in RETIRED_FIELDS are dropped and
+    missing ones take their defaults. Raises TypeError for an unknown field."""
     kinds = {"model": ModelConfig, "loss": LossConfig, "optim": OptimConfig,
              "planner": PlannerConfig, "train": TrainConfig}
-    return Config(**{k: cls(**data[k]) for k, cls in kinds.items() if k in data})
+    sections = {k: {name: value for name, value in data[k].items() if name not in RETIRED_FIELDS.get(k, ())}
+                for k in kinds if k in data}
+    return Config(**{k: kinds[k](**fields) for k, fields in sections.items()})

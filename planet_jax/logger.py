@@ -72,3 +72,70 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int = 20) -> Path:
         imageio.mimwrite(tmp, list(frames), fps=fps, macro_block_size=1)
     tmp.replace(path)
     return path
+
+
+class Progress:
+    """What a user watching a run sees: a bar over episodes whose time estimate comes from trained
+    rounds only (seed episodes are far quicker), and a bar over the updates of the round in
+    progress with its loss and seconds per update. A context manager; shows nothing when disabled.
+
+    Args:
+      total: episodes the run will reach (train.episodes).
+      done: episodes already collected.
+      seed_episodes: S; rounds before S episodes exist do not count towards the estimate.
+      enabled: False shows nothing (--no-progress, or a process other than 0).
+    """
+
+    def __init__(self, total: int, done: int, seed_episodes: int, enabled: bool = True):
+        from tqdm import tqdm  # the bars only; imported here to keep logger's import light
+        self._tqdm, self._enabled = tqdm, enabled
+        self._total, self._seed_episodes = total, seed_episodes
+        self._episodes = self._bar(total=total, initial=min(done, total), unit="ep", position=0)
+        self._trained_from = done if done >= seed_episodes else None
+        self._updates = None
+
+    def _bar(self, **kwargs):
+        return self._tqdm(disable=not self._enabled, dynamic_ncols=True, **kwargs)
+
+    def start_updates(self, count: int, compiling: bool = False) -> None:
+        """A round of `count` updates begins (`compiling`: its first update compiles the train step).
+        The first round restarts the episode bar's clock, so that its estimate of the time left
+        comes from trained rounds alone."""
+        if self._trained_from is None:
+            done = self._episodes.n
+            self._episodes.close()
+            self._episodes = self._bar(total=self._total, initial=done, unit="ep", position=0)
+            self._trained_from = done
+        if self._updates is not None:
+            self._updates.close()
+        desc = "compiling the train step, then training" if compiling else "training"
+        self._updates = self._bar(total=count, unit="update", position=1, leave=False, desc=desc)
+
+    def updated(self, metrics: dict[str, Any]) -> None:
+        """One update finished; `metrics` are its (possibly still computing) metrics. The loss is
+        read from the device only every tenth update, so the display does not wait on each step."""
+        bar = self._updates
+        if bar is None or bar.disable:
+            return
+        bar.update(1)
+        if bar.n == 1:
+            bar.set_description("training")
+        if bar.n % 10 == 0 or bar.n == bar.total:
+            bar.set_postfix(loss=f"{float(metrics['loss']):.1f}")
+
+    def finished_round(self, record: dict[str, Any]) -> None:
+        """A round was logged: advance the episode bar to record['episode']."""
+        if self._updates is not None:
+            self._updates.close()
+            self._updates = None
+        self._episodes.update(int(record["episode"]) - self._episodes.n)
+        self._episodes.set_postfix({k: round(float(record[k]), 1) for k in
+                                    ("train_return", "test_return", "steps_per_second") if k in record})
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._updates is not None:
+            self._updates.close()
+        self._episodes.close()

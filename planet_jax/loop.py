@@ -1,12 +1,17 @@
 """PlaNet's Algorithm 1 as a Python driver around the jitted pieces.
 
-Seed episodes with random actions, then repeat: C training steps on chunks from the replay, one
-round of episodes collected with the planner plus exploration noise, and every few episodes a
-noise-free test episode with videos. A round is one episode, or with train.num_envs = N > 1, N
-episodes collected at once in worker processes (`planet_jax.vec_env`) with one batched planner call
-per step; C stays the number of updates per round. Training runs data-parallel over every device
-(`planet_jax.parallel`); with one device the mesh has one device and the code path is the same.
-Everything a run needs to resume lives in its folder:
+  seed episodes with random actions (S of them), then per round:
+    C updates of the world model on chunks from the replay          `update`
+    collect episodes with the planner plus exploration noise       `collect`, `store`
+    every few episodes, noise-free test episodes with videos       `test`
+    log the round and checkpoint the loop's state                  `Logger.write`, `save_state`
+
+A round collects one episode, or train.num_envs = N at once (`planet_jax.rollout`, one batched
+planner call per step); C stays the number of updates per round. Training runs data-parallel over
+every device (`planet_jax.parallel`); with one device the mesh has one device and the code path is
+the same. The loop's state (`LoopState`) is checkpointed after every round, so a run stopped or
+killed at any moment loses at most the round in progress, and a resumed run repeats exactly what an
+uninterrupted one would have done. Everything a run needs lives in its folder (`planet_jax.rundir`):
 
   config.json, run.json     the configuration and the task
   episodes/*.npz            every collected episode (the replay)
@@ -16,168 +21,196 @@ Everything a run needs to resume lives in its folder:
 """
 from __future__ import annotations
 
-import json
-import os
-import signal
+import contextlib
+import dataclasses
+import functools
+import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
-from planet_jax import agent, checkpoint, config, envs, learner, logger, parallel, replay, vec_env
-from planet_jax.objective import Batch
+from planet_jax import (agent, checkpoint, config, envs, learner, logger, parallel, replay, rollout,
+                        rundir, runtime)
+from planet_jax.rundir import RunError
 
 OPENLOOP_CONTEXT = 5
 OPENLOOP_LENGTH = 50
-# Settings a resumed run may change: none alters what the stored model and replay mean.
-RESUMABLE_CHANGES = (("train", "episodes"), ("train", "num_envs"), ("train", "cover_episode_ends"),
-                     ("train", "graded_seed_actions"),
-                     ("model", "fast_conv"), ("model", "conv_dtype"), ("model", "image_group"))
 
 
-class RunError(Exception):
-    """A problem with the user's input or the run folder, reported in one line (exit code 2)."""
+class NonFiniteError(RuntimeError):
+    """train.max_skipped_updates updates in a row had a non-finite loss or gradient (exit code 1)."""
 
 
-class StopFlag:
-    """Set by SIGINT/SIGTERM; the loop checks it between steps so it never stops inside a jitted call.
+class LoopState(NamedTuple):
+    """Everything of the training loop that a checkpoint holds, saved and restored as one."""
+    train: learner.TrainState
+    key: jax.Array
+    """The loop's JAX key, split for every update, round of planning and test."""
+    episodes: int
+    """Episodes collected, seed episodes included (the next episode's index)."""
+    updates: int
+    """Gradient updates run (skipped ones included)."""
+    env_steps: int
+    """Simulator steps taken by the collected episodes (agent steps times R, less where an
+    episode ended inside a repeat)."""
+    wall_time: float
+    """Seconds spent training, summed over every invocation of the run."""
+    replay_rng: dict
+    """The replay sampler's generator state (`Replay.state_dict`)."""
+    skipped_in_a_row: int = 0
+    """Non-finite updates since the last finite one."""
 
-    A second Ctrl-C while the flag is set stops at once.
+
+@dataclasses.dataclass
+class Run:
+    """What a run holds open while it trains: settings, environments, replay, checkpoints and log.
+    Made by `open_run`; `step` is compiled at the first update."""
+    cfg: config.Config
+    logdir: Path
+    seed: int
+    mesh: Any
+    envs: rollout.Envs
+    memory: replay.Replay
+    ckpt: checkpoint.Checkpointer
+    log: logger.Logger | None
+    policy: Callable
+    train_step: Callable
+    step: Callable | None = None
+    clock: tuple[float, float] = (0.0, 0.0)
+
+
+def env_factory(env: str | Callable, cfg: config.Config) -> Callable[[], envs.PixelEnv]:
+    """A picklable zero-argument function that builds the run's environment (`envs.make_env`)."""
+    return functools.partial(envs.make_env, env, cfg.train.action_repeat, cfg.train.episode_steps)
+
+
+def state_template(cfg: config.Config, action_dim: int) -> dict:
+    """The pytree a checkpoint stores ({'train': TrainState, 'key'}), freshly initialised; restore
+    reads a checkpoint into its structure."""
+    return {"train": learner.init_train_state(cfg, action_dim, jax.random.PRNGKey(0)),
+            "key": jax.random.PRNGKey(0)}
+
+
+@contextlib.contextmanager
+def open_run(cfg: config.Config, env: str | Callable, logdir: str | Path, seed: int) -> Iterator[Run]:
+    """Creates or checks the run folder, takes its lock, starts the environments and reads the
+    replay and checkpoints; closes them all on exit.
+
+    Raises:
+      RunError (one line) for a folder in use, of another run, or unwritable; a chunk longer than
+      an episode; a batch that does not divide over the devices.
     """
-
-    def __init__(self):
-        self.signal_name = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        if self.signal_name is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
-
-    def __bool__(self):
-        return self.signal_name is not None
-
-
-def prepare_logdir(logdir: Path, cfg: config.Config, env_name: str, seed: int) -> config.Config:
-    """Creates or checks the run folder; returns the config to use (the stored one when resuming)."""
+    logdir = Path(logdir)
+    mesh = parallel.make_mesh()
     try:
-        logdir.mkdir(parents=True, exist_ok=True)
-        probe = logdir / ".write_test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise RunError(f"cannot write to logdir {logdir}: {err.strerror or err}") from None
-    run_file, cfg_file = logdir / "run.json", logdir / "config.json"
-    if run_file.exists():
+        parallel.check_batch_size(cfg.train.batch_size, mesh)
+    except ValueError as err:
+        raise RunError(str(err)) from None
+    primary = parallel.is_primary()
+    name = envs.env_name(env)
+    with contextlib.ExitStack() as stack:
+        # The environments first: an unknown task or a chunk longer than an episode must fail
+        # before anything is written to the folder.
+        tc = cfg.train
+        pool = rollout.make_envs(env_factory(env, cfg), tc.num_envs, name)
+        stack.callback(pool.close)
+        if tc.chunk_length > pool.max_agent_steps + 1:
+            raise RunError(f"train.chunk_length ({tc.chunk_length}) is longer than an episode of {name} "
+                           f"({pool.max_agent_steps + 1} frames at action repeat {pool.action_repeat})")
+        if primary:
+            stack.enter_context(rundir.lock(logdir))
+            cfg = rundir.prepare(logdir, cfg, name, seed)
+        # Each process collects its own episodes; process 0's are the run's episodes/ folder.
+        local_seed = parallel.process_seed(seed)
+        episodes_dir = logdir / "episodes"
+        if not primary:
+            episodes_dir = episodes_dir / f"process_{jax.process_index():03d}"
+        memory = replay.Replay(episodes_dir, local_seed)
+        memory.load()
+        ckpt = checkpoint.Checkpointer(logdir / "checkpoints")
+        stack.callback(ckpt.close)
+        log = None
+        if primary:
+            (logdir / "videos").mkdir(exist_ok=True)
+            log = stack.enter_context(contextlib.closing(logger.Logger(logdir)))
+        yield Run(cfg, logdir, local_seed, mesh, pool, memory, ckpt, log,
+                  agent.make_policy(cfg, pool.action_dim), learner.make_train_step(cfg, mesh))
+
+
+def load_state(run: Run) -> LoopState:
+    """The state of the last checkpoint, or a fresh one (Algorithm 1: initialise the parameters
+    randomly). Episodes stored after the checkpoint (a run killed between writing them and the
+    checkpoint) are kept and counted."""
+    cfg, memory = run.cfg, run.memory
+    if run.ckpt.latest_step() is None:
+        train_state = learner.init_train_state(cfg, run.envs.action_dim, jax.random.PRNGKey(run.seed))
+        state = LoopState(train_state, jax.random.PRNGKey(run.seed + 1), 0, 0, 0, 0.0, memory.state_dict())
+    else:
         try:
-            run = json.loads(run_file.read_text())
-            stored = config.from_dict(json.loads(cfg_file.read_text()))
-        except (OSError, ValueError, TypeError, KeyError) as err:
-            raise RunError(f"{logdir} holds a run whose run.json/config.json cannot be read ({err}); "
-                           "use another --logdir") from None
-        if run.get("env") != env_name or run.get("seed") != seed:
-            raise RunError(f"{logdir} holds a run of env {run.get('env')} seed {run.get('seed')}, "
-                           f"not {env_name} seed {seed}; use another --logdir")
-        asked = config.to_dict(cfg)
-        differences = [
-            f"{section}.{name} ({old!r} stored, {asked[section][name]!r} asked)"
-            for section, fields in config.to_dict(stored).items()
-            for name, old in fields.items()
-            if (section, name) not in RESUMABLE_CHANGES and asked[section][name] != old]
-        if differences:
-            raise RunError(f"{logdir} holds a run with another config: {', '.join(differences[:3])}; "
-                           "resume with the same flags or use another --logdir")
-        # Only RESUMABLE_CHANGES differ (e.g. the episode count raised to extend a finished run),
-        # so the asked config is the stored one with those changes.
-        return cfg
-    cfg_file.write_text(json.dumps(config.to_dict(cfg), indent=2))
-    run_file.write_text(json.dumps({"env": env_name, "seed": seed}))
-    return cfg
+            restored, meta = run.ckpt.restore(state_template(cfg, run.envs.action_dim))
+        except checkpoint.CheckpointError as err:
+            raise RunError(str(err)) from None
+        memory.load_state_dict(meta["replay_rng"])
+        state = LoopState(restored["train"], restored["key"], int(meta["episode"]), int(meta["updates"]),
+                          int(meta["env_steps"]), float(meta["wall_time"]), meta["replay_rng"],
+                          int(meta.get("skipped_in_a_row", 0)))
+    extra = memory.episodes[state.episodes:]
+    steps = sum(min((len(e["reward"]) - 1) * run.envs.action_repeat, cfg.train.episode_steps) for e in extra)
+    state = state._replace(episodes=memory.num_episodes, env_steps=state.env_steps + steps)
+    return state._replace(train=parallel.replicate(state.train, run.mesh))
 
 
-def run_episode(env: envs.PixelEnv, act: Callable[[np.ndarray], np.ndarray], seed: int,
-                stop: StopFlag | None = None) -> tuple[dict[str, np.ndarray] | None, dict[str, float]]:
-    """Steps one episode from `env.reset(seed)` with `act(obs) -> action`; returns the episode (None if
-    stopped) and timings."""
-    obs = env.reset(seed)
-    frames, actions, rewards = [obs], [np.zeros(env.action_dim, np.float32)], [0.0]
-    act_time = env_time = 0.0
-    done = False
-    while not done:
-        if stop:
-            return None, {}
-        t0 = time.perf_counter()
-        action = np.asarray(act(obs), np.float32)
-        t1 = time.perf_counter()
-        step = env.step(action)
-        obs, reward, done = step.obs, step.reward, step.done
-        env_time += time.perf_counter() - t1
-        act_time += t1 - t0
-        frames.append(obs)
-        actions.append(action)
-        rewards.append(reward)
-    episode = {"obs": np.stack(frames), "action": np.stack(actions),
-               "reward": np.asarray(rewards, np.float32)}
-    return episode, {"return": float(np.sum(rewards)), "act_seconds": act_time, "env_seconds": env_time}
+def save_state(run: Run, state: LoopState) -> None:
+    """Checkpoints `state` under its episode count (every process takes part; orbax writes once)."""
+    meta = {"episode": state.episodes, "updates": state.updates, "env_steps": state.env_steps,
+            "wall_time": state.wall_time, "replay_rng": state.replay_rng,
+            "skipped_in_a_row": state.skipped_in_a_row}
+    run.ckpt.save(state.episodes, {"train": state.train, "key": state.key}, meta)
 
 
-class PlannerActor:
-    """Wraps the jitted policy: keeps the belief of N environments between steps."""
+def update(run: Run, state: LoopState, stop, progress: logger.Progress
+           ) -> tuple[LoopState, dict[str, Any] | None]:
+    """C gradient updates on B chunks of L frames each (Algorithm 1, model fitting).
 
-    def __init__(self, policy, cfg: config.Config, action_dim: int):
-        self._policy, self._cfg, self._action_dim = policy, cfg, action_dim
-
-    def start_batch(self, params, key: jax.Array, noise: float, num_envs: int
-                    ) -> Callable[[np.ndarray], np.ndarray]:
-        """act(obs uint8 (N, 64, 64, 3)) -> actions (N, A): one policy call for all N environments."""
-        state = {"belief": agent.initial_belief(self._cfg, num_envs, self._action_dim), "t": 0}
-
-        def act(obs: np.ndarray) -> np.ndarray:
-            step_key = jax.random.fold_in(key, state["t"])
-            action, state["belief"] = self._policy(params, state["belief"], obs, step_key,
-                                                   jnp.float32(noise))
-            state["t"] += 1
-            return np.asarray(action)
-
-        return act
-
-    def start(self, params, key: jax.Array, noise: float) -> Callable[[np.ndarray], np.ndarray]:
-        """act(obs uint8 (64, 64, 3)) -> action (A,) for one environment."""
-        act = self.start_batch(params, key, noise, 1)
-        return lambda obs: act(obs[None])[0]
-
-
-def collect(env: envs.PixelEnv, venv: vec_env.VecEnv | None, act: Callable[[np.ndarray], np.ndarray],
-            first_index: int, count: int, seed: int, stop: StopFlag | None = None
-            ) -> tuple[list[dict[str, np.ndarray]] | None, dict[str, Any]]:
-    """One round: `count` episodes with `act(obs (N, 64, 64, 3)) -> (N, A)`.
-
-    Environment i plays episode first_index + i from `vec_env.episode_seed(seed, first_index + i)`:
-    without `venv` (num_envs = 1) the in-process `env` plays one episode, else the workers. Returns (episodes or None if stopped, timings
-    with the list of returns).
+    Returns the new state and the round's metrics (means over its finite updates, and
+    skipped_updates), or (state, None) if `stop` became true: the round is then abandoned.
+    Raises NonFiniteError once train.max_skipped_updates updates in a row were skipped.
     """
-    if venv is None:
-        episode, timing = run_episode(env, lambda obs: act(obs[None])[0],
-                                      vec_env.episode_seed(seed, first_index), stop)
-        if episode is None:
-            return None, {}
-        return [episode], {"returns": [timing["return"]], "act_seconds": timing["act_seconds"],
-                           "env_seconds": timing["env_seconds"]}
-    seeds = [vec_env.episode_seed(seed, first_index + i) for i in range(count)]
-    return vec_env.run_episodes(venv, act, seeds, stop)
+    tc = run.cfg.train
+    key, train_state, metrics = state.key, state.train, []
+    progress.start_updates(tc.collect_interval, compiling=run.step is None)
+    for _ in range(tc.collect_interval):
+        if stop:
+            return state, None
+        local = run.memory.sample(parallel.local_batch_size(tc.batch_size), tc.chunk_length,
+                                  tc.cover_episode_ends)
+        batch = parallel.shard_batch(local, run.mesh)
+        key, k_train = jax.random.split(key)
+        k_train = parallel.replicate(k_train, run.mesh)
+        if run.step is None:
+            run.step = learner.compile_train_step(run.train_step, train_state, batch, k_train)
+        train_state, m = run.step(train_state, batch, k_train)
+        metrics.append(m)
+        progress.updated(m)
+    metrics = jax.device_get(metrics)
+    skipped = np.asarray([m["skipped"] for m in metrics], bool)
+    in_a_row = state.skipped_in_a_row + len(skipped) if skipped.all() else int(np.argmin(skipped[::-1]))
+    updates = state.updates + len(metrics)
+    if in_a_row >= tc.max_skipped_updates:
+        last = run.ckpt.latest_step()
+        where = f"checkpoint {run.ckpt.directory / str(last)}" if last is not None else "no checkpoint yet"
+        raise NonFiniteError(f"{in_a_row} updates in a row (up to update {updates}) had a non-finite loss "
+                             f"or gradient and were skipped; the last good checkpoint is {where}")
+    finite = [m for m, s in zip(metrics, skipped) if not s]
+    record = {k: np.mean([m[k] for m in finite], 0) for k in metrics[0] if k != "skipped"} if finite else {}
+    record["skipped_updates"] = int(skipped.sum())
+    state = state._replace(train=train_state, key=key, updates=updates, skipped_in_a_row=in_a_row,
+                           replay_rng=run.memory.state_dict())
+    return state, record
 
 
 def seed_action_scales(first_index: int, count: int, seed_episodes: int, graded: bool) -> np.ndarray:
@@ -188,208 +221,186 @@ def seed_action_scales(first_index: int, count: int, seed_episodes: int, graded:
     return np.minimum((first_index + np.arange(count) + 1) / seed_episodes, 1.0)
 
 
+def collect(run: Run, state: LoopState, stop
+            ) -> tuple[LoopState, list[replay.Episode] | None, rollout.Rollout | None]:
+    """One round of episodes: uniform random actions while fewer than S episodes exist, else the
+    planner with N(0, expl_noise) exploration noise (Algorithm 1, data collection). Episode k
+    starts from `rollout.episode_seed(seed, k)`. Returns (state, episodes, rollout), episodes None
+    if stopped."""
+    tc, first = run.cfg.train, state.episodes
+    count = min(run.envs.num_envs, tc.episodes - first)
+    seeds = [rollout.episode_seed(run.seed, first + i) for i in range(count)]
+    key = state.key
+    if first < tc.seed_episodes:
+        scales = seed_action_scales(first, run.envs.num_envs, tc.seed_episodes, tc.graded_seed_actions)
+        act = rollout.uniform_actor(np.random.default_rng([run.seed, first]), run.envs.action_dim, scales)
+    else:
+        key, k_act = jax.random.split(key)
+        if jax.process_count() > 1:
+            k_act = jax.random.fold_in(k_act, jax.process_index())
+        act = agent.Actor(run.policy, run.cfg, run.envs.action_dim, run.envs.num_envs,
+                          parallel.local_copy(state.train.params), k_act, tc.expl_noise)
+    episodes, played = rollout.run_episodes(run.envs, act, seeds, stop)
+    return state._replace(key=key), episodes, played
+
+
+def store(run: Run, state: LoopState, episodes: list[replay.Episode], played: rollout.Rollout) -> LoopState:
+    """Adds the round's episodes to the replay (written to disk) and counts them."""
+    for episode in episodes:
+        run.memory.add(episode)
+    return state._replace(episodes=state.episodes + len(episodes), env_steps=state.env_steps + played.env_steps)
+
+
+def play_tests(cfg: config.Config, pool: rollout.Envs, policy: Callable, params, key: jax.Array,
+               seeds: list[int], stop=None) -> tuple[list[replay.Episode] | None, list[float]]:
+    """Noise-free episodes with the planner, one per seed, N at a time on the N environments of
+    `pool` (the paper's test episodes). Returns (episodes or None if stopped, returns)."""
+    episodes, returns = [], []
+    for first in range(0, len(seeds), pool.num_envs):
+        key, k_act = jax.random.split(key)
+        act = agent.Actor(policy, cfg, pool.action_dim, pool.num_envs, params, k_act, 0.0)
+        played, rollout_ = rollout.run_episodes(pool, act, seeds[first:first + pool.num_envs], stop)
+        if played is None:
+            return None, returns
+        episodes += played
+        returns += rollout_.returns
+    return episodes, returns
+
+
+def write_videos(cfg: config.Config, params, episode: replay.Episode, key: jax.Array, path: Path,
+                 openloop_path: Path | None = None) -> None:
+    """The episode's frames as an mp4 at `path`; with `openloop_path`, also the model's open-loop
+    prediction of its first frames (OPENLOOP_CONTEXT observed, then imagined under its actions)."""
+    logger.write_video(path, episode["obs"])
+    length = min(OPENLOOP_LENGTH, len(episode["action"]))
+    if openloop_path is not None and length > OPENLOOP_CONTEXT:
+        frames = agent.openloop_video(params, cfg.model, jnp.asarray(episode["obs"][:length]),
+                                      jnp.asarray(episode["action"][:length]), key, OPENLOOP_CONTEXT)
+        logger.write_video(openloop_path, np.asarray(frames), fps=10)
+
+
+def test(run: Run, state: LoopState, stop) -> tuple[LoopState, dict[str, Any]]:
+    """train.test_episodes noise-free episodes; the first one's video and open-loop prediction go
+    to videos/. Returns the state (its key advanced) and test_return (mean), test_return_std and
+    test_returns, or {} if stopped. Only process 0 plays; the others only advance the key."""
+    key, k_act, k_video = jax.random.split(state.key, 3)
+    state = state._replace(key=key)
+    if run.log is None:
+        return state, {}
+    params = parallel.local_copy(state.train.params)
+    seeds = [rollout.test_seed(run.seed, state.episodes, i) for i in range(run.cfg.train.test_episodes)]
+    episodes, returns = play_tests(run.cfg, run.envs, run.policy, params, k_act, seeds, stop)
+    if episodes is None:
+        return state, {}
+    videos = run.logdir / "videos"
+    write_videos(run.cfg, params, episodes[0], k_video, videos / f"test_{state.episodes:06d}.mp4",
+                 videos / f"openloop_{state.episodes:06d}.mp4")
+    return state, {"test_return": float(np.mean(returns)), "test_return_std": float(np.std(returns)),
+                   "test_returns": returns}
+
+
 def _crossed(before: int, after: int, every: int) -> bool:
     """Whether a multiple of `every` lies in (before, after]: 'every k episodes' when a round adds several."""
     return max(after, 0) // every > max(before, 0) // every
 
 
-def train(cfg: config.Config, env_spec: envs.EnvSpec, logdir: str | Path, seed: int = 0,
+def run_round(run: Run, state: LoopState, stop, progress: logger.Progress
+              ) -> tuple[LoopState, dict[str, Any] | None]:
+    """One round of Algorithm 1: C updates (after the seed episodes), collection, storage, and a
+    test when due. Returns the new state and the round's record, or (state, None) if stopped
+    before the round was complete (nothing of it is kept then)."""
+    tc, before = run.cfg.train, state.episodes
+    t_start = time.perf_counter()
+    record: dict[str, Any] = {}
+    trained = before >= tc.seed_episodes
+    if trained:
+        state, metrics = update(run, state, stop, progress)
+        if metrics is None:
+            return state, None
+        record.update(metrics, train_seconds=time.perf_counter() - t_start)
+    state, episodes, played = collect(run, state, stop)
+    if episodes is None:
+        return state, None
+    state = store(run, state, episodes, played)
+    record.update(train_return=float(np.mean(played.returns)), act_seconds=played.act_seconds,
+                  env_seconds=played.env_seconds)
+    if len(episodes) > 1:
+        record["train_returns"] = played.returns
+    if trained and _crossed(before - tc.seed_episodes, state.episodes - tc.seed_episodes, tc.test_every):
+        state, tested = test(run, state, stop)  # a stop here keeps the round, without its test
+        record.update(tested)
+    elapsed = time.perf_counter() - t_start
+    start, base = run.clock
+    state = state._replace(wall_time=base + time.time() - start)
+    record.update(episode=state.episodes, env_steps=state.env_steps, updates=state.updates,
+                  wall_time=state.wall_time, steps_per_second=played.env_steps / elapsed)
+    return state, record
+
+
+def train(cfg: config.Config, env: str | Callable, logdir: str | Path, seed: int = 0,
           progress: bool = True) -> dict[str, Any]:
-    """Runs (or resumes) training in `logdir`; returns the last record written.
+    """Runs (or resumes) training in `logdir` until train.episodes episodes exist or a SIGINT or
+    SIGTERM arrives; returns the last round's record.
+
+    Args:
+      cfg: the configuration; a resumed run may change only `rundir.RESUMABLE_CHANGES`.
+      env: a task name for `envs.make_env` ('walker_walk', 'gym:Pendulum-v1') or a picklable
+        zero-argument callable returning an `envs.Environment` (your own simulator).
+      logdir: the run folder; created if needed, resumed if it holds this run.
+      seed: the run's seed (parameters, keys, the replay's sampling, episode k's reset seed).
+      progress: show progress bars.
+    Raises:
+      RunError (bad input or folder, exit code 2), NonFiniteError (exit code 1),
+      replay.StorageError / checkpoint.CheckpointError when a file cannot be written.
 
     Several processes (after `parallel.initialize_distributed()`) each run this function: they train
     one model together, each collecting into its own replay; only process 0 writes run files, logs
     and videos.
     """
     cfg.validate()
-    logdir = Path(logdir)
-    mesh = parallel.make_mesh()
-    try:
-        parallel.check_batch_size(cfg.train.batch_size, mesh)
-    except ValueError as err:
-        raise RunError(str(err)) from None
-    env_name = envs.env_name(env_spec)
-    env = envs.make_env(env_spec, cfg.train.action_repeat, cfg.train.episode_steps)
-    if cfg.train.chunk_length > env.max_agent_steps + 1:
-        env.close()
-        raise RunError(f"train.chunk_length ({cfg.train.chunk_length}) is longer than an episode of "
-                       f"{env_name} ({env.max_agent_steps + 1} frames at action repeat {env.action_repeat})")
-    primary = parallel.is_primary()
-    if primary:
-        cfg = prepare_logdir(logdir, cfg, env_name, seed)
-    tc = cfg.train
-    # Each process collects its own episodes; process 0's are the run's episodes/ folder.
-    local_seed = parallel.process_seed(seed)
-    replay_dir = logdir / "episodes" if primary else logdir / "episodes" / f"process_{jax.process_index():03d}"
-    memory = replay.Replay(replay_dir, local_seed)
-    memory.load()
-    ckpt = checkpoint.Checkpointer(logdir / "checkpoints")
-    state = learner.init_train_state(cfg, env.action_dim, jax.random.PRNGKey(seed))
-    key = jax.random.PRNGKey(seed + 1)
-    counters = {"updates": 0, "wall_time": 0.0}
-    if ckpt.latest_step() is not None:
-        try:
-            restored, meta = ckpt.restore({"train": state, "key": key})
-        except checkpoint.CheckpointError as err:
-            raise RunError(str(err)) from None
-        state, key = restored["train"], restored["key"]
-        counters = {"updates": meta["updates"], "wall_time": meta["wall_time"]}
-        memory.load_state_dict(meta["replay_rng"])
-    state = parallel.replicate(state, mesh)
-
-    train_step = learner.make_train_step(cfg, mesh)
-    compiled_step = None  # compiled at the first update (learner.compile_train_step)
-    actor = PlannerActor(agent.make_policy(cfg, env.action_dim), cfg, env.action_dim)
-    log = logger.Logger(logdir) if primary else None
-    if primary:
-        (logdir / "videos").mkdir(exist_ok=True)
-    rng = np.random.default_rng([local_seed, memory.num_episodes])
-    start_time = time.time()
     record: dict[str, Any] = {}
-
-    saved = {"at": None}
-
-    def save():
-        if saved["at"] == (memory.num_episodes, counters["updates"]):
-            return
-        saved["at"] = (memory.num_episodes, counters["updates"])
-        meta = {"episode": memory.num_episodes, "updates": counters["updates"],
-                "env_steps": memory.num_steps * env.action_repeat,
-                "wall_time": counters["wall_time"] + time.time() - start_time,
-                "replay_rng": memory.state_dict()}
-        ckpt.save(memory.num_episodes, {"train": state, "key": key}, meta)
-
-    bar = tqdm(total=tc.episodes, initial=min(memory.num_episodes, tc.episodes), unit="ep",
-               disable=not (progress and primary), dynamic_ncols=True)
-    stop = StopFlag()
-    venv = None
-    try:
-        if tc.num_envs > 1:
-            venv = vec_env.VecEnv(env_name, tc.num_envs, tc.action_repeat, tc.episode_steps)
-        with stop:
-            while memory.num_episodes < tc.episodes and not stop:
-                t_start = time.perf_counter()
-                record = {}
-                before = memory.num_episodes
-                if before < tc.seed_episodes:
-                    scales = seed_action_scales(before, tc.num_envs, tc.seed_episodes,
-                                                tc.graded_seed_actions)
-                    act = lambda obs: rng.uniform(-1, 1, (len(obs), env.action_dim)) * scales[:len(obs), None]
-                else:
-                    metrics = []
-                    for _ in range(tc.collect_interval):
-                        if stop:
-                            break
-                        local = memory.sample(parallel.local_batch_size(tc.batch_size), tc.chunk_length,
-                                              tc.cover_episode_ends)
-                        batch = parallel.shard_batch(Batch(**local), mesh)
-                        key, k_train = jax.random.split(key)
-                        k_train = parallel.replicate(k_train, mesh)
-                        if compiled_step is None:
-                            compiled_step = learner.compile_train_step(train_step, state, batch, k_train)
-                        state, m = compiled_step(state, batch, k_train)
-                        metrics.append(m)
-                        counters["updates"] += 1
-                    if stop:
-                        break
-                    metrics = jax.device_get(metrics)
-                    record.update({k: np.mean([m[k] for m in metrics], 0) for k in metrics[0]})
-                    record["train_seconds"] = time.perf_counter() - t_start
-                    key, k_act = jax.random.split(key)
-                    if jax.process_count() > 1:
-                        k_act = jax.random.fold_in(k_act, jax.process_index())
-                    act = actor.start_batch(parallel.local_copy(state.params), k_act, tc.expl_noise,
-                                            tc.num_envs)
-                count = min(tc.num_envs, tc.episodes - before)
-                episodes, timing = collect(env, venv, act, before, count, local_seed, stop)
-                if episodes is None:
+    with open_run(cfg, env, logdir, seed) as run, runtime.StopFlag() as stop:
+        tc = run.cfg.train
+        state = load_state(run)
+        run.clock = (time.time(), state.wall_time)
+        show = progress and run.log is not None
+        if show:
+            announce_cpu_cost(run.cfg)
+        with logger.Progress(tc.episodes, state.episodes, tc.seed_episodes, show) as bar:
+            while state.episodes < tc.episodes and not stop:
+                state, result = run_round(run, state, stop, bar)
+                if result is None:
                     break
-                for episode in episodes:
-                    memory.add(episode)
-                record.update({"episode": memory.num_episodes, "train_return": float(np.mean(timing["returns"])),
-                               "act_seconds": timing["act_seconds"], "env_seconds": timing["env_seconds"]})
-                if len(episodes) > 1:
-                    record["train_returns"] = timing["returns"]
-                trained = before >= tc.seed_episodes
-                if trained and _crossed(before - tc.seed_episodes, memory.num_episodes - tc.seed_episodes,
-                                        tc.test_every):
-                    key, k_test = jax.random.split(key)
-                    if primary:  # acting uses this process's replica only; the others go on
-                        record.update(test_episode(cfg, env, actor, parallel.local_copy(state.params),
-                                                   k_test, logdir / "videos", memory.num_episodes, stop,
-                                                   vec_env.episode_seed(seed + 1, memory.num_episodes)))
-                elapsed = time.perf_counter() - t_start
-                steps = sum(len(episode["reward"]) - 1 for episode in episodes) * env.action_repeat
-                record.update({"env_steps": memory.num_steps * env.action_repeat,
-                               "updates": counters["updates"],
-                               "wall_time": counters["wall_time"] + time.time() - start_time,
-                               "steps_per_second": steps / elapsed})
-                if log is not None:
-                    log.write(record)
-                bar.update(len(episodes))
-                bar.set_postfix({k: round(float(record[k]), 1) for k in
-                                 ("train_return", "test_return", "steps_per_second") if k in record})
-                if _crossed(before, memory.num_episodes, tc.checkpoint_every):
-                    save()
-            save()
-    finally:
-        bar.close()
-        if log is not None:
-            log.close()
-        ckpt.close()
-        env.close()
-        if venv is not None:
-            venv.close()
+                record = result
+                if run.log is not None:
+                    run.log.write(record)
+                save_state(run, state)
+                bar.finished_round(record)
     if stop:
-        print(f"stopped by {stop.signal_name}: saved a checkpoint after {memory.num_episodes} episodes "
-              f"in {logdir}; run the same command to resume")
+        print(f"stopped by {stop.signal_name}: the last checkpoint holds {state.episodes} episodes in "
+              f"{logdir}; run the same command to resume")
     return record
 
 
-def test_episode(cfg: config.Config, env: envs.PixelEnv, actor: PlannerActor, params, key: jax.Array,
-                 video_dir: Path, episode_index: int, stop: StopFlag | None = None, env_seed: int = 0
-                 ) -> dict[str, float]:
-    """One noise-free episode from `env.reset(env_seed)`; writes its video and the open-loop
-    prediction video."""
-    k_act, k_video = jax.random.split(key)
-    episode, timing = run_episode(env, actor.start(params, k_act, 0.0), env_seed, stop)
-    if episode is None:
-        return {}
-    logger.write_video(video_dir / f"test_{episode_index:06d}.mp4", episode["obs"])
-    length = min(OPENLOOP_LENGTH, len(episode["action"]))
-    if length > OPENLOOP_CONTEXT:
-        frames = agent.openloop_video(params, cfg.model, jnp.asarray(episode["obs"][:length]),
-                                      jnp.asarray(episode["action"][:length]), k_video, OPENLOOP_CONTEXT)
-        logger.write_video(video_dir / f"openloop_{episode_index:06d}.mp4", np.asarray(frames), fps=10)
-    return {"test_return": timing["return"]}
-
-
-def load_run(logdir: str | Path) -> tuple[config.Config, str, int]:
-    """(config, env name, seed) of an existing run folder."""
-    logdir = Path(logdir)
-    try:
-        run = json.loads((logdir / "run.json").read_text())
-        cfg = config.from_dict(json.loads((logdir / "config.json").read_text()))
-        return cfg, run["env"], int(run["seed"])
-    except FileNotFoundError:
-        raise RunError(f"{logdir} is not a planet_jax run folder (no run.json/config.json)") from None
-    except (OSError, ValueError, TypeError, KeyError) as err:
-        raise RunError(f"cannot read the run in {logdir}: {err}") from None
+def announce_cpu_cost(cfg: config.Config) -> None:
+    """One line at start-up when the paper's network sizes are about to train on a CPU."""
+    if jax.default_backend() == "cpu" and cfg.model.cnn_depth >= config.ModelConfig().cnn_depth:
+        print("note: the paper's sizes on a CPU take seconds per update, so hours per episode at "
+              f"C = {cfg.train.collect_interval}; --preset cpu is a learning run sized for a CPU "
+              "(docs/performance.md)", file=sys.stderr)
 
 
 def load_params(logdir: str | Path, action_dim: int):
     """World-model parameters of the last checkpoint of the run in `logdir` (for an env with
-    `action_dim` actions); RunError if there is none or it cannot be read."""
+    `action_dim` actions). Raises RunError if there is none or it cannot be read."""
     logdir = Path(logdir)
-    cfg, _, _ = load_run(logdir)
+    cfg, _, _ = rundir.read(logdir)
     ckpt = checkpoint.Checkpointer(logdir / "checkpoints")
     try:
         if ckpt.latest_step() is None:
             raise RunError(f"{logdir} has no checkpoint yet")
-        template = {"train": learner.init_train_state(cfg, action_dim, jax.random.PRNGKey(0)),
-                    "key": jax.random.PRNGKey(0)}
         try:
-            restored, _ = ckpt.restore(template)
+            restored, _ = ckpt.restore(state_template(cfg, action_dim))
         except checkpoint.CheckpointError as err:
             raise RunError(str(err)) from None
         return restored["train"].params
@@ -397,22 +408,29 @@ def load_params(logdir: str | Path, action_dim: int):
         ckpt.close()
 
 
-def evaluate(logdir: str | Path, episodes: int, seed: int = 12345) -> list[float]:
-    """Runs noise-free episodes with the last checkpoint; writes videos/eval_*.mp4; returns the returns."""
+def evaluate(logdir: str | Path, episodes: int, seed: int = 12345, env: str | Callable | None = None
+             ) -> list[float]:
+    """Noise-free episodes with the last checkpoint of the run in `logdir`, episode i reset with
+    `rollout.episode_seed(seed, i)`, on train.num_envs environments at once; writes
+    videos/eval_{i:03d}.mp4. Returns the returns. `env` is needed only for a run of your own
+    environment (the callable given to `train`); by default the run's task name.
+
+    Raises:
+      ValueError for episodes <= 0; RunError for a folder without a readable run or checkpoint.
+    """
     if episodes <= 0:
         raise ValueError(f"--episodes must be positive, got {episodes}")
     logdir = Path(logdir)
-    cfg, env_name, _ = load_run(logdir)
-    env = envs.make_env(env_name, cfg.train.action_repeat, cfg.train.episode_steps)
+    cfg, name, _ = rundir.read(logdir)
+    pool = rollout.make_envs(env_factory(env or name, cfg), min(cfg.train.num_envs, episodes), name)
     try:
-        params = load_params(logdir, env.action_dim)
-        actor = PlannerActor(agent.make_policy(cfg, env.action_dim), cfg, env.action_dim)
+        params = load_params(logdir, pool.action_dim)
+        policy = agent.make_policy(cfg, pool.action_dim)
+        seeds = [rollout.episode_seed(seed, i) for i in range(episodes)]
+        played, returns = play_tests(cfg, pool, policy, params, jax.random.PRNGKey(seed), seeds)
         (logdir / "videos").mkdir(exist_ok=True)
-        returns = []
-        for i, key in enumerate(jax.random.split(jax.random.PRNGKey(seed), episodes)):
-            episode, timing = run_episode(env, actor.start(params, key, 0.0), vec_env.episode_seed(seed, i))
-            logger.write_video(logdir / "videos" / f"eval_{i:03d}.mp4", episode["obs"])
-            returns.append(timing["return"])
+        for i, episode in enumerate(played):
+            write_videos(cfg, params, episode, jax.random.PRNGKey(i), logdir / "videos" / f"eval_{i:03d}.mp4")
         return returns
     finally:
-        env.close()
+        pool.close()

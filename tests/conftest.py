@@ -1,4 +1,5 @@
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,19 @@ import pytest
 from planet_jax import config, networks
 
 ACTION_DIM = 2
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Tests compile the same tiny programs again and again (each run of the loop builds its own
+    jitted functions, each CLI test is a new process): one persistent compilation cache for the
+    session, this process and its subprocesses, turns the repeats into disk reads."""
+    cache = str(tmp_path_factory.mktemp("jax_cache"))
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    yield cache
 
 
 def tiny_model(**changes) -> config.ModelConfig:

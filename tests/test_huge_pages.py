@@ -1,4 +1,4 @@
-"""The entry points restart themselves with glibc's huge-page tunable where it helps (experiments.cli)."""
+"""The entry points restart themselves with glibc's huge-page tunable where it helps (planet_jax.runtime)."""
 import ast
 import os
 import subprocess
@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
-from experiments import cli
+from planet_jax import runtime
 
 MADVISE = "always [madvise] never\n"
-TUNABLE = cli.HUGE_PAGES_TUNABLE
+TUNABLE = runtime.HUGE_PAGES_TUNABLE
 
 
 @pytest.mark.parametrize("environ, thp, libc, expected", [
@@ -26,7 +26,7 @@ TUNABLE = cli.HUGE_PAGES_TUNABLE
     ({"PLANET_JAX_HUGE_PAGES": "0"}, MADVISE, "glibc 2.36", None),
 ])
 def test_huge_pages_env(environ, thp, libc, expected):
-    env = cli.huge_pages_env({"PATH": "/bin", **environ}, thp, libc)
+    env = runtime.huge_pages_env({"PATH": "/bin", **environ}, thp, libc)
     if expected is None:
         assert env is None
     else:
@@ -38,8 +38,8 @@ def test_huge_pages_env(environ, thp, libc, expected):
 # backed by transparent huge pages.
 PROBE = """
 import ctypes, os, sys
-from experiments import cli
-cli.restart_with_huge_pages()
+from planet_jax import runtime
+runtime.restart_with_huge_pages()
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 size = 256 << 20
@@ -61,10 +61,10 @@ def _probe(**extra_env):
 
 def test_restart_with_huge_pages_backs_malloc_with_huge_pages():
     try:
-        thp, libc = cli.THP_SETTING.read_text(), os.confstr("CS_GNU_LIBC_VERSION")
+        thp, libc = runtime.THP_SETTING.read_text(), os.confstr("CS_GNU_LIBC_VERSION")
     except (OSError, ValueError, AttributeError):
         pytest.skip("not Linux with glibc")
-    if cli.huge_pages_env({}, thp, libc) is None:
+    if runtime.huge_pages_env({}, thp, libc) is None:
         pytest.skip(f"nothing to gain here (THP {thp.strip()!r}, {libc})")
     tunables, huge_kib, argv = _probe()
     assert tunables == TUNABLE and argv == ["kept"]  # restarted, with its arguments

@@ -1,10 +1,21 @@
-"""planet_jax.loop pieces that the end-to-end CLI test does not pin down: the seed episodes' actions."""
+"""planet_jax.loop: the named steps of Algorithm 1 on their own, and a resumed run against an
+uninterrupted one."""
 import dataclasses
+import json
+from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
-from planet_jax import config, loop, replay
+from planet_jax import config, envs, logger, loop, replay, rollout
+
+ENV = "cartpole_swingup"  # tiny preset: 100 environment steps at R = 8 -> 13 agent steps, 14 frames
+
+
+def tiny(**train) -> config.Config:
+    cfg = config.tiny()
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train))
 
 
 def test_seed_action_scales_by_hand():
@@ -16,44 +27,102 @@ def test_seed_action_scales_by_hand():
     np.testing.assert_allclose(loop.seed_action_scales(3, 4, 5, graded=True), [0.8, 1.0, 1.0, 1.0])
 
 
-@pytest.mark.parametrize("graded", [False, True])
-def test_seed_episodes_use_their_action_range(tmp_path, graded):
-    """A run of seed episodes only (no update): episode i's actions stay inside [-(i+1)/S, (i+1)/S]
-    when graded, and reach beyond every smaller bound when not."""
-    tiny = config.tiny()
-    seeds = 4
-    cfg = dataclasses.replace(tiny, train=dataclasses.replace(
-        tiny.train, episodes=seeds, seed_episodes=seeds, graded_seed_actions=graded,
-        cover_episode_ends=True))
-    loop.train(cfg, "cartpole_balance", tmp_path / "run", seed=0, progress=False)
-    memory = replay.Replay(tmp_path / "run" / "episodes", 0)
-    assert memory.load() == seeds
-    for i, episode in enumerate(memory.episodes):
-        peak = np.abs(episode["action"][1:]).max()
-        bound = (i + 1) / seeds
-        if graded:
-            assert peak <= bound + 1e-6
-            assert peak > 0.5 * bound  # uniform over the range, not shrunk further
-        else:
-            assert peak > 0.5
+def test_seed_rounds_collect_store_and_count_simulated_steps(tmp_path):
+    """collect + store in the seed phase: episode k starts from episode_seed(seed, k), its actions stay
+    in the graded range, and env_steps counts the simulator's steps (100 per episode at R = 8, where
+    13 agent steps of 8 would be 104)."""
+    cfg = tiny(seed_episodes=3, episodes=3, graded_seed_actions=True)
+    with loop.open_run(cfg, ENV, tmp_path / "run", seed=4) as run:
+        state = loop.load_state(run)
+        assert (state.episodes, state.updates, state.env_steps) == (0, 0, 0)
+        for k in range(3):
+            state, episodes, played = loop.collect(run, state, stop=False)
+            state = loop.store(run, state, episodes, played)
+            assert state.episodes == k + 1 and state.env_steps == 100 * (k + 1)
+            episode = episodes[0]
+            assert len(episode["reward"]) == 14
+            assert np.abs(episode["action"][1:]).max() <= (k + 1) / 3 + 1e-6
+            env = envs.make_env(ENV, 0, 100)
+            np.testing.assert_array_equal(episode["obs"][0], env.reset(rollout.episode_seed(4, k)))
+            env.close()
+    assert replay.Replay(tmp_path / "run" / "episodes", 0).load() == 3
 
 
-class _Sampled(Exception):
-    pass
+def test_update_then_test_then_save_and_load(tmp_path):
+    """update runs C steps and averages their metrics; test plays train.test_episodes noise-free
+    episodes whose mean and std are those of the returns; the saved state loads back equal."""
+    cfg = tiny(seed_episodes=1, episodes=2, test_episodes=3, collect_interval=3)
+    with loop.open_run(cfg, ENV, tmp_path / "run", seed=0) as run:
+        state = loop.load_state(run)
+        state = loop.store(run, *loop.collect(run, state, stop=False))
+        with logger.Progress(2, 1, 1, enabled=False) as progress:
+            state, metrics = loop.update(run, state, False, progress)
+        assert state.updates == 3 and metrics["skipped_updates"] == 0
+        assert np.isfinite(metrics["loss"]) and int(state.train.step) == 3
+        stopped, nothing = loop.update(run, state, True, progress)
+        assert nothing is None and stopped is state
+        state, tested = loop.test(run, state, stop=False)
+        assert len(tested["test_returns"]) == 3
+        assert tested["test_return"] == pytest.approx(np.mean(tested["test_returns"]))
+        assert tested["test_return_std"] == pytest.approx(np.std(tested["test_returns"]))
+        assert len(set(tested["test_returns"])) == 3  # three different starts
+        assert (tmp_path / "run" / "videos" / "test_000001.mp4").stat().st_size > 0
+        assert (tmp_path / "run" / "videos" / "openloop_000001.mp4").stat().st_size > 0
+        loop.save_state(run, state)
+        saved = state
+    with loop.open_run(cfg, ENV, tmp_path / "run", seed=0) as run:
+        loaded = loop.load_state(run)
+    assert (loaded.episodes, loaded.updates, loaded.env_steps) == (1, 3, 100)
+    np.testing.assert_array_equal(loaded.key, saved.key)
+    jax.tree.map(np.testing.assert_array_equal, loaded.train.params, saved.train.params)
 
 
-@pytest.mark.parametrize("cover", [False, True])
-def test_training_samples_with_cover_episode_ends(tmp_path, monkeypatch, cover):
-    """The loop hands train.cover_episode_ends to the replay's sampler (stopped at the first draw)."""
-    seen = []
+def _episode_files(logdir):
+    files = sorted((logdir / "episodes").glob("episode_*.npz"))
+    return [(f.name, replay.load_episode(f)) for f in files]
 
-    def sample(self, batch_size, chunk_length, cover_ends=False):
-        seen.append((batch_size, chunk_length, cover_ends))
-        raise _Sampled
 
-    monkeypatch.setattr(replay.Replay, "sample", sample)
-    tiny = config.tiny()
-    cfg = dataclasses.replace(tiny, train=dataclasses.replace(tiny.train, cover_episode_ends=cover))
-    with pytest.raises(_Sampled):
-        loop.train(cfg, "cartpole_balance", tmp_path / "run", seed=0, progress=False)
-    assert seen == [(tiny.train.batch_size, tiny.train.chunk_length, cover)]
+def _rounds(logdir):
+    keep = ("episode", "env_steps", "updates", "train_return", "train_returns", "test_return",
+            "test_returns", "loss", "image_loss", "reward_loss", "kl_loss", "grad_norm")
+    lines = (logdir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k in keep} for line in lines]
+
+
+@pytest.mark.parametrize("num_envs", [1, 2])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, num_envs):
+    """A run stopped after its third round and resumed to the end writes the same episode files,
+    bit for bit, and logs the same returns and losses per round as a run that was never stopped."""
+    rounds = 5
+    cfg = tiny(num_envs=num_envs, seed_episodes=2, test_every=2, test_episodes=1)
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    episodes = lambda r: dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, episodes=r * num_envs))
+    loop.train(episodes(rounds), ENV, whole, seed=3, progress=False)
+    loop.train(episodes(3), ENV, parts, seed=3, progress=False)
+    assert len(_rounds(parts)) == 3
+    loop.train(episodes(rounds), ENV, parts, seed=3, progress=False)
+
+    expected, got = _episode_files(whole), _episode_files(parts)
+    assert [name for name, _ in got] == [name for name, _ in expected]
+    assert len(got) == rounds * num_envs
+    for (_, a), (_, b) in zip(expected, got):
+        for key in replay.KEYS:
+            np.testing.assert_array_equal(a[key], b[key])
+    starts = {episode["obs"][0].tobytes() for _, episode in got}
+    assert len(starts) == len(got)  # every episode starts from its own initial state
+    assert _rounds(parts) == _rounds(whole)
+    assert any("test_return" in r for r in _rounds(whole)) and any("loss" in r for r in _rounds(whole))
+
+
+def test_a_run_folder_written_before_the_loop_state_still_resumes(tmp_path):
+    """tests/data/run_v1: 3 episodes of the tiny preset on cartpole_swingup written by the loop of
+    commit cb033b6 (before LoopState and test_episodes existed); it resumes where it stopped."""
+    import shutil
+    logdir = tmp_path / "run"
+    shutil.copytree(Path(__file__).parent / "data" / "run_v1", logdir)
+    stored = (logdir / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(stored[-1])["updates"] == 5
+    record = loop.train(tiny(episodes=4), ENV, logdir, seed=0, progress=False)
+    assert (record["episode"], record["updates"]) == (4, 10)
+    assert record["env_steps"] == json.loads(stored[-1])["env_steps"] + 100
+    assert replay.Replay(logdir / "episodes", 0).load() == 4

@@ -5,17 +5,19 @@ import numpy as np
 import pytest
 
 from experiments import plot
+from planet_jax import config
 
 
 def _write_run(folder, env, returns, test_every=2):
     folder.mkdir(parents=True)
     (folder / "run.json").write_text(json.dumps({"env": env, "seed": 0}))
+    (folder / "config.json").write_text(json.dumps(config.to_dict(config.tiny())))
     lines = []
     for episode, value in enumerate(returns, 1):
         record = {"episode": episode, "env_steps": 125 * episode, "train_return": value,
                   "image_loss": 100.0 / episode, "reward_loss": 1.0, "kl_loss": 3.0}
         if episode % test_every == 0:
-            record["test_return"] = 2 * value
+            record.update(test_return=2 * value, test_return_std=0.5, test_returns=[2 * value - 0.5, 2 * value + 0.5])
         lines.append(json.dumps(record))
     (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
 

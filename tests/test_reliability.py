@@ -1,0 +1,119 @@
+"""A run meets bad numbers, a full disk, kill -9 and a second process on its folder, and says what
+happened in one line, losing at most the round in progress."""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+from experiments import train as train_cli
+from planet_jax import config, loop, replay
+
+ENV = "cartpole_swingup"  # tiny preset: 14-frame episodes
+
+
+def _records(logdir):
+    path = logdir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _main(argv, capsys):
+    """experiments.train in this process: (exit code, stderr)."""
+    try:
+        code = train_cli.main(argv)
+    except SystemExit as stop:
+        code = stop.code
+    return code, capsys.readouterr().err
+
+
+def _args(logdir, episodes, *extra):
+    return ["--env", ENV, "--preset", "tiny", "--logdir", str(logdir), "--episodes", str(episodes),
+            "--no-progress", "--set", "train.test_every=100", *extra]
+
+
+def test_non_finite_updates_are_skipped_counted_and_stop_the_run(tmp_path, capsys):
+    logdir = tmp_path / "run"
+    assert _main(_args(logdir, 2), capsys)[0] == 0  # the two seed episodes
+    for path in sorted((logdir / "episodes").glob("episode_*.npz")):  # a bad sensor: NaN rewards
+        episode = replay.load_episode(path)
+        episode["reward"][:] = np.nan
+        path.unlink()
+        replay.save_episode(logdir / "episodes", episode, int(path.name.split("_")[1]))
+    # C = 5: the first trained round skips all 5 updates and goes on, the second reaches the limit.
+    code, err = _main(_args(logdir, 6, "--set", "train.max_skipped_updates=8"), capsys)
+    assert code == 1 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "10 updates in a row" in err and "update 10" in err and "checkpoints/3" in err
+    records = _records(logdir)
+    assert [r["episode"] for r in records] == [1, 2, 3]
+    assert records[-1]["skipped_updates"] == 5 and records[-1]["updates"] == 5
+    assert "loss" not in records[-1]  # no finite update to average
+    # Every update was skipped, so the last checkpoint holds the initial parameters (seed 0).
+    saved = jax.tree.leaves(loop.load_params(logdir, 1))
+    initial = jax.tree.leaves(loop.state_template(config.tiny(), 1)["train"].params)
+    assert len(saved) == len(initial)
+    for got, expected in zip(saved, initial):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_a_full_disk_is_one_line_and_the_run_resumes(tmp_path, capsys, monkeypatch):
+    logdir = tmp_path / "run"
+    assert _main(_args(logdir, 2), capsys)[0] == 0
+    real = np.savez_compressed
+
+    def full(file, **arrays):
+        file.write(b"PK\x03\x04 half an episode")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(np, "savez_compressed", full)
+    code, err = _main(_args(logdir, 4), capsys)
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "episode_000002" in err and "No space left on device" in err
+    names = sorted(p.name for p in (logdir / "episodes").iterdir())
+    assert names == ["episode_000000_14.npz", "episode_000001_14.npz"]  # no partial or temp file
+    monkeypatch.setattr(np, "savez_compressed", real)
+    assert _main(_args(logdir, 4), capsys)[0] == 0
+    memory = replay.Replay(logdir / "episodes", 0)
+    assert memory.load() == 4
+    assert [r["episode"] for r in _records(logdir)][-2:] == [3, 4]
+
+
+def _start(logdir, episodes, *extra):
+    env = dict(os.environ, MUJOCO_GL="egl")
+    cmd = [sys.executable, "-m", "experiments.train", *_args(logdir, episodes, *extra)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, proc, seconds=300):
+    deadline = time.time() + seconds
+    while not predicate() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert predicate(), proc.stderr.read() if proc.poll() is not None else "timed out"
+
+
+def test_one_run_per_folder_and_kill_9_during_an_update_round(tmp_path):
+    """A second run on a folder in use is refused in one line; after kill -9 of the first in the
+    middle of an update round, the same command resumes from the last checkpoint with its episodes."""
+    logdir = tmp_path / "run"
+    # C = 200 updates per round: the kill lands inside the first trained round.
+    first = _start(logdir, 4, "--set", "train.collect_interval=200")
+    _wait_for(lambda: len(_records(logdir)) >= 2, first)
+    second = subprocess.run([sys.executable, "-m", "experiments.train", *_args(logdir, 4)],
+                            env=dict(os.environ, MUJOCO_GL="egl"), capture_output=True, text=True, timeout=300)
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    assert f"in use by process {first.pid}" in second.stderr
+    time.sleep(2)  # inside the 200 updates
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+    assert len(_records(logdir)) == 2
+    again = _start(logdir, 4, "--set", "train.collect_interval=200")
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err
+    assert [r["episode"] for r in _records(logdir)] == [1, 2, 3, 4]
+    memory = replay.Replay(logdir / "episodes", 0)
+    assert memory.load() == 4
