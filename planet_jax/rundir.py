@@ -40,7 +40,7 @@ def _make_folder(logdir: Path) -> None:
     try:
         logdir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise RunError(f"cannot create logdir {logdir}: {err.strerror or err}") from None
+        raise RunError(f"cannot write to logdir {logdir}: {err.strerror or err}") from None
     try:
         probe = logdir / ".write_test"
         probe.write_text("ok")

@@ -36,13 +36,14 @@ def run(mesh):
             batch, key = parallel.shard_batch(batch, mesh), parallel.replicate(key, mesh)
             placed = batch
         state, metrics = step(state, batch, key)
-    return state, metrics, placed
+    return state, metrics, placed, step
 
-single, m1, _ = run(None)
-sharded, m4, batch = run(parallel.make_mesh())
+single, m1, _, _ = run(None)
+mesh = parallel.make_mesh()
+sharded, m4, batch, sharded_step = run(mesh)
 diff = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
                     single.params, sharded.params)
-print(json.dumps({
+out = {
     "devices": len(jax.devices()),
     "max_param_diff": max(jax.tree.leaves(diff)),
     "lr": cfg.optim.lr,
@@ -56,7 +57,19 @@ print(json.dumps({
     "shard_devices": sorted(s.device.id for s in batch.obs.addressable_shards),
     "param_devices": sorted(d.id for d in jax.tree.leaves(sharded.params)[0].sharding.device_set),
     "param_replicated": all(l.sharding.is_fully_replicated for l in jax.tree.leaves(sharded.params)),
-}))
+}
+# A NaN reward in the last sequence, which only device 3 holds: the all-reduced gradient is NaN on
+# every device, so every replica keeps its state.
+before = jax.device_get(sharded)
+reward = batches[0].reward.copy()
+reward[B - 1, 2] = np.nan
+after, m_nan = sharded_step(sharded, parallel.shard_batch(batches[0]._replace(reward=reward), mesh),
+                            parallel.replicate(keys[0], mesh))
+out["nan_skipped"] = float(m_nan["skipped"])
+out["nan_unchanged"] = all(np.array_equal(a, b) for a, b in
+                           zip(jax.tree.leaves(jax.device_get(after)), jax.tree.leaves(before)))
+out["nan_replicated"] = all(l.sharding.is_fully_replicated for l in jax.tree.leaves(after))
+print(json.dumps(out))
 """
 
 
@@ -83,6 +96,8 @@ def test_sharded_step_matches_single_device_step():
     # rounding of near-zero gradient entries into update differences of up to ~|dg| / eps. Three
     # steps stay within 1% of one step's size (lr) of the single-device parameters.
     assert out["max_param_diff"] < 1e-2 * out["lr"], out
+    # A non-finite update is skipped on the mesh as on one device: state bit for bit unchanged.
+    assert out["nan_skipped"] == 1.0 and out["nan_unchanged"] and out["nan_replicated"], out
 
 
 def test_batch_size_must_divide_across_devices(tmp_path):

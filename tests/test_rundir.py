@@ -51,7 +51,7 @@ def test_a_logdir_that_is_a_file_or_under_a_file(tmp_path):
     path.write_text("not a run")
     for fn in (lambda d: rundir.prepare(d, config.tiny(), ENV, 0), lambda d: rundir.lock(d).__enter__()):
         assert _one_line_error(fn, path) == f"logdir {path} is a file, not a folder; use another --logdir"
-        assert "cannot create logdir" in _one_line_error(fn, path / "run")
+        assert "cannot write to logdir" in _one_line_error(fn, path / "run")
     assert path.read_text() == "not a run"
 
 
