@@ -414,7 +414,8 @@ def make_env(env: EnvSpec, action_repeat: int = 0, episode_steps: int = 1000, si
     elif callable(env):
         inner = env()
         if not isinstance(inner, Environment):
-            missing = [a for a in ("action_low", "action_high", "reset", "step", "close") if not hasattr(inner, a)]
+            members = ("action_low", "action_high", "reset", "step", "close")
+            missing = [member for member in members if not hasattr(inner, member)]
             raise TypeError(f"{name}() returned a {type(inner).__name__} without {', '.join(missing)}; "
                             "see planet_jax.envs.Environment")
         repeat = action_repeat or _DEFAULT_REPEAT

@@ -70,7 +70,7 @@ def test_non_finite_action_is_refused_before_the_simulator(bad):
     assert isinstance(info.value, ValueError)
     message = str(info.value)
     assert "\n" not in message and "non-finite" in message
-    assert all(word in message for word in ("nan" if np.isnan(v) else "inf" for v in bad if not np.isfinite(v)))
+    assert all(("nan" if np.isnan(v) else "inf") in message for v in bad if not np.isfinite(v))
     assert inner.actions == []  # the simulator was never stepped
     env.step(np.zeros(2))  # the episode goes on with a good action
     assert len(inner.actions) == 2
@@ -82,7 +82,8 @@ def test_custom_environment_class_through_make_env():
             super().__init__(max_steps=50, frame_size=(30, 40))
 
     env = make_env(Canvas)
-    assert env.name == envs.env_name(Canvas) == "test_custom_environment_class_through_make_env.<locals>.Canvas"
+    assert env.name == envs.env_name(Canvas)
+    assert env.name == "test_custom_environment_class_through_make_env.<locals>.Canvas"
     assert env.action_dim == 2 and env.action_repeat == 2  # the default R for custom environments
     assert env.max_agent_steps == 25  # ceil(min(1000, max_steps 50) / 2)
     obs = env.reset(0)

@@ -289,6 +289,24 @@ def test_sample_errors(tmp_path):
     np.testing.assert_array_equal(batch.action[:, 0, 1], 0)
 
 
+@pytest.mark.parametrize("cover_ends", [False, True])
+def test_episodes_shorter_than_a_chunk_are_skipped_not_padded(tmp_path, cover_ends):
+    """Terminal episodes of 3 and 2 rows beside longer ones: never drawn, and no chunk is padded."""
+    lengths = [3, 12, 2, 7]
+    replay = Replay(tmp_path, seed=2)
+    for i, rows in enumerate(lengths):
+        replay.add(coded_episode(i, rows))
+    batch = replay.sample(300, 6, cover_ends)
+    drawn = {int(e) for e in batch["action"][:, 0, 0]}
+    assert drawn == {1, 3}
+    np.testing.assert_array_equal(batch["action"][:, :, 0], batch["action"][:, :1, 0].repeat(6, 1))
+    np.testing.assert_array_equal(np.diff(batch["action"][:, :, 1], axis=1), 1)  # consecutive rows
+    with pytest.raises(ValueError) as info:
+        replay.sample(2, 13, cover_ends)
+    message = str(info.value)
+    assert "\n" not in message and "longest has 12" in message and "skipped, not padded" in message
+
+
 def test_add_rejects_mismatched_action_dim(tmp_path):
     replay = Replay(tmp_path, seed=0)
     replay.add(coded_episode(0, 4))
