@@ -297,10 +297,10 @@ def test_episodes_shorter_than_a_chunk_are_skipped_not_padded(tmp_path, cover_en
     for i, rows in enumerate(lengths):
         replay.add(coded_episode(i, rows))
     batch = replay.sample(300, 6, cover_ends)
-    drawn = {int(e) for e in batch["action"][:, 0, 0]}
+    drawn = {int(e) for e in batch.action[:, 0, 0]}
     assert drawn == {1, 3}
-    np.testing.assert_array_equal(batch["action"][:, :, 0], batch["action"][:, :1, 0].repeat(6, 1))
-    np.testing.assert_array_equal(np.diff(batch["action"][:, :, 1], axis=1), 1)  # consecutive rows
+    np.testing.assert_array_equal(batch.action[:, :, 0], batch.action[:, :1, 0].repeat(6, 1))
+    np.testing.assert_array_equal(np.diff(batch.action[:, :, 1], axis=1), 1)  # consecutive rows
     with pytest.raises(ValueError) as info:
         replay.sample(2, 13, cover_ends)
     message = str(info.value)
