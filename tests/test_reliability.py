@@ -83,37 +83,74 @@ def test_a_full_disk_is_one_line_and_the_run_resumes(tmp_path, capsys, monkeypat
     assert [r["episode"] for r in _records(logdir)][-2:] == [3, 4]
 
 
-def _start(logdir, episodes, *extra):
-    env = dict(os.environ, MUJOCO_GL="egl")
-    cmd = [sys.executable, "-m", "experiments.train", *_args(logdir, episodes, *extra)]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+# experiments.train with a hook: at the first update of the first trained round it writes a
+# marker file and waits to be killed, or, in the middle of writing the checkpoint of episode 3 (its
+# files being written, not yet committed), it kills itself with SIGKILL.
+HOOKED = """
+import os, signal, sys, time
+from pathlib import Path
+import orbax.checkpoint as ocp
+from experiments import train
+from planet_jax import logger
+
+where, marker = sys.argv[1], Path(sys.argv[2])
+if where == "update":
+    def updated(self, metrics):
+        marker.write_text(str(os.getpid()))
+        time.sleep(600)
+    logger.Progress.updated = updated
+else:
+    real_save = ocp.CheckpointManager.save
+    def save(self, step, *args, **kwargs):
+        result = real_save(self, step, *args, **kwargs)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+    ocp.CheckpointManager.save = save
+sys.exit(train.main(sys.argv[3:]))
+"""
 
 
-def _wait_for(predicate, proc, seconds=300):
-    deadline = time.time() + seconds
-    while not predicate() and time.time() < deadline and proc.poll() is None:
+def _start(logdir, hook=None):
+    """experiments.train (4 episodes) in a subprocess, its output in a file beside the run folder
+    (a pipe that nobody reads could fill up and stall it)."""
+    log = open(logdir.parent / f"train_{time.monotonic_ns()}.log", "w+")
+    prefix = ["-c", HOOKED, hook, str(logdir.parent / "marker")] if hook else ["-m", "experiments.train"]
+    return subprocess.Popen([sys.executable, *prefix, *_args(logdir, 4)], env=dict(os.environ, MUJOCO_GL="egl"),
+                            stdout=log, stderr=subprocess.STDOUT, text=True), log
+
+
+def _output(log) -> str:
+    log.seek(0)
+    return log.read()
+
+
+def test_one_run_per_folder_and_kill_9_in_an_update_round_and_a_checkpoint_write(tmp_path):
+    """A second run on a folder in use is refused in one line, naming the process; kill -9 of the
+    first in the middle of an update round, then of the resumed one in the middle of writing a
+    checkpoint; each time the same command resumes, and the run ends with every episode readable."""
+    logdir, marker = tmp_path / "run", tmp_path / "marker"
+    first, log = _start(logdir, hook="update")
+    deadline = time.time() + 600
+    while not marker.exists() and first.poll() is None and time.time() < deadline:
         time.sleep(0.1)
-    assert predicate(), proc.stderr.read() if proc.poll() is not None else "timed out"
-
-
-def test_one_run_per_folder_and_kill_9_during_an_update_round(tmp_path):
-    """A second run on a folder in use is refused in one line; after kill -9 of the first in the
-    middle of an update round, the same command resumes from the last checkpoint with its episodes."""
-    logdir = tmp_path / "run"
-    # C = 200 updates per round: the kill lands inside the first trained round.
-    first = _start(logdir, 4, "--set", "train.collect_interval=200")
-    _wait_for(lambda: len(_records(logdir)) >= 2, first)
+    assert marker.exists(), _output(log)
     second = subprocess.run([sys.executable, "-m", "experiments.train", *_args(logdir, 4)],
                             env=dict(os.environ, MUJOCO_GL="egl"), capture_output=True, text=True, timeout=300)
     assert second.returncode == 2 and "Traceback" not in second.stderr
-    assert f"in use by process {first.pid}" in second.stderr
-    time.sleep(2)  # inside the 200 updates
+    assert len(second.stderr.strip().splitlines()) == 1 and f"in use by process {first.pid}" in second.stderr
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=60)
-    assert len(_records(logdir)) == 2
-    again = _start(logdir, 4, "--set", "train.collect_interval=200")
-    out, err = again.communicate(timeout=600)
-    assert again.returncode == 0, err
+    assert [r["episode"] for r in _records(logdir)] == [1, 2]  # the round in progress is lost
+
+    resumed, log = _start(logdir, hook="checkpoint")
+    assert resumed.wait(timeout=900) == -signal.SIGKILL, _output(log)
+    assert [r["episode"] for r in _records(logdir)] == [1, 2, 3]
+
+    last, log = _start(logdir)
+    assert last.wait(timeout=900) == 0, _output(log)
+    assert "Traceback" not in _output(log)
     assert [r["episode"] for r in _records(logdir)] == [1, 2, 3, 4]
     memory = replay.Replay(logdir / "episodes", 0)
     assert memory.load() == 4
+    assert loop.load_params(logdir, 1) is not None
