@@ -1,8 +1,7 @@
 """The stride-2 convolutions of the encoder and decoder, reformulated so that XLA:CPU runs them fast.
 
 XLA:CPU lowers `lax.conv_transpose` (an lhs-dilated convolution) and, worse, its gradients to slow
-generic loops; at the decoder's training batch (2500 images) the plain flax decoder's backward pass
-runs at a few GFLOP/s. `conv_transpose_s2` computes exactly what
+generic loops, far below the machine's matmul rate (docs/performance.md). `conv_transpose_s2` computes exactly what
 `flax.linen.ConvTranspose(O, (k, k), strides=(2, 2), padding='VALID')` computes, with
 ordinary stride-1 convolutions, matmuls and pads/reshapes only, in both passes:
 
@@ -17,12 +16,15 @@ ordinary stride-1 convolutions, matmuls and pads/reshapes only, in both passes:
     d/dkernel A^2 matmuls x^T @ shifted windows of space-to-depth(dy), taps past k skipped.
 The stride-1 convolutions above are themselves matmuls (`_conv_s1`): either the shifted windows
 side by side in channels and one matmul (when the input has fewer channels than the output), or one
-matmul per tap, summed (otherwise), whichever moves less memory. Everything is pure jnp/lax, so it
+matmul per tap, summed (otherwise), whichever moves less memory, or XLA's stride-1 conv for narrow
+layers. Which of these formulations (config.CONV_IMPLS, XLA's own strided op among them) each
+layer uses is measured once per machine and shape (`layer_impl`, planet_jax.autotune), since the
+fastest differs between CPUs and between CPUs and accelerators. Everything is pure jnp/lax, so it
 also runs (and differentiates) on GPU/TPU.
 
 `dtype` ('float32' or 'bfloat16') is the operand type of every matmul in both passes; products are
-accumulated and returned in float32. bfloat16 roughly halves the matmul time on CPUs with native
-bf16 dot products (and on TPUs) at a relative error of about 2^-8 per operand (tests/test_ops.py
+accumulated and returned in float32. bfloat16 speeds up the matmuls on CPUs with native bf16
+dot products (and on TPUs) at a relative error of about 2^-8 per operand (tests/test_ops.py
 states the tolerance against float32).
 
 `Deconv` is a drop-in for that flax layer: same parameter names, shapes and initialisers, so
@@ -73,6 +75,8 @@ _MAX_CONV_CHANNELS = 256
 #           im2col or taps, whichever copies the narrower of input and output.
 # 'mixed' is the default when nothing is measured; `layer_impl` measures (planet_jax.autotune).
 DEFAULT_CONV_IMPL = "mixed"
+# Calls of a layer per timed candidate, run as a loop (see `_timed_layer`).
+_LOOP_GROUPS = 2
 # The enclosing `conv_impl_scope`'s spec (ModelConfig.conv_impl syntax), read when a layer is traced.
 _CONV_IMPL_PIN: contextvars.ContextVar[str] = contextvars.ContextVar("conv_impl", default="auto")
 
@@ -409,7 +413,8 @@ def layer_impl(op: Callable, name: str | None, x_shape: tuple[int, ...], kernel_
     """The formulation (one of CONV_IMPLS) of layer `name` computing op (`conv_s2` or
     `conv_transpose_s2`) on x (..., H, W, I) with a (k, k, I, O) kernel: as pinned by the enclosing
     `conv_impl_scope`, else measured once per machine and shape (forward and both gradients; see
-    planet_jax.autotune) and cached, else (search off, or too little work to time) 'mixed'."""
+    planet_jax.autotune) and cached, else (search off, or too little work to time) 'mixed'.
+    Candidates are timed as _LOOP_GROUPS calls of the layer in a loop (`_timed_layer`)."""
     x_shape = (math.prod(x_shape[:-3]),) + tuple(x_shape[-3:])
     k, _, c_in, c_out = kernel_shape
     if op is conv_s2:
@@ -428,12 +433,16 @@ def layer_impl(op: Callable, name: str | None, x_shape: tuple[int, ...], kernel_
 def _timed_layer(op: Callable, impl: str, x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
                  dtype: str) -> Callable[[], tuple[jax.Array, jax.Array]]:
     """An autotune candidate: the layer's forward and both gradients (as in a training step) on
-    random inputs of the given shapes."""
+    random inputs of the given shapes, as the body of a loop over LOOP_GROUPS groups (the loss maps
+    over groups of sequences): XLA:CPU runs some convolutions (its strided conv's gradients) far
+    slower inside a loop body than alone, so a candidate timed alone could win and then lose."""
     kx, kk, kg = jax.random.split(jax.random.PRNGKey(0), 3)
-    x = jax.random.normal(kx, x_shape)
+    x = jax.random.normal(kx, (_LOOP_GROUPS,) + x_shape)
     kernel = jax.random.normal(kk, kernel_shape) / kernel_shape[0]
-    g = jax.random.normal(kg, jax.eval_shape(lambda x, w: op(x, w, None, dtype, impl), x, kernel).shape)
-    grads = jax.jit(lambda x, w, g: jax.vjp(lambda x, w: op(x, w, None, dtype, impl), x, w)[1](g))
+    y_shape = jax.eval_shape(lambda x, w: op(x, w, None, dtype, impl), x[0], kernel).shape
+    g = jax.random.normal(kg, (_LOOP_GROUPS,) + y_shape)
+    vjp = lambda x, w, g: jax.vjp(lambda x, w: op(x, w, None, dtype, impl), x, w)[1](g)
+    grads = jax.jit(lambda x, w, g: jax.lax.map(lambda xg: vjp(xg[0], w, xg[1]), (x, g)))
     return lambda: jax.block_until_ready(grads(x, kernel, g))
 
 

@@ -203,3 +203,8 @@ def test_config_rejects_unknown_choices():
         with pytest.raises(ValueError, match="conv_impl|batching"):
             config.override(config.tiny(), [item]).validate()
     config.override(config.tiny(), ["model.conv_impl=conv0=taps,deconv3=xla", "planner.batching=vmap"]).validate()
+
+
+def test_layer_candidate_runs_the_layer_gradients_in_a_loop():
+    dx, dw = ops._timed_layer(ops.conv_transpose_s2, "taps", (3, 5, 5, 4), (5, 5, 4, 2), "float32")()
+    assert dx.shape == (ops._LOOP_GROUPS, 3, 5, 5, 4) and dw.shape == (ops._LOOP_GROUPS, 5, 5, 4, 2)
