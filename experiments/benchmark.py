@@ -3,9 +3,11 @@
   python -m experiments.benchmark                      # all measurements, planet_jax only
   python -m experiments.benchmark --compare-torch      # alternate with ../shared/bench/torch_reference.py
   python -m experiments.benchmark --only train plan_1 --iters 5
+  python -m experiments.benchmark --only cpu --compare-torch   # the cpu preset's sizes, and the matmul ceiling
   python -m experiments.benchmark --only train --profile 15   # and the 15 most expensive ops
 
-Prints one JSON line per measurement: median/min/max seconds over --iters calls after warm-up,
+Prints a first JSON line naming the machine (CPU model, cores, load averages, versions), then one
+JSON line per measurement: median/min/max seconds over --iters calls after warm-up,
 compile time, the analytic GFLOP of one call (matmuls and convolutions, forward and backward), the
 achieved GFLOP/s and the peak resident memory of the process that ran it. Each measurement runs in
 its own process so that its peak memory is its own. With --compare-torch the reference runs in the
@@ -18,6 +20,7 @@ import argparse
 import gzip
 import json
 import os
+import platform
 import re
 import resource
 import statistics
@@ -47,11 +50,24 @@ MEASUREMENTS = {
     # This machine's ceiling: float32 and bfloat16 matmuls at a conv-like shape, in the forward
     # (x @ w) and kernel-gradient (x^T @ g) orientations. Its gflops_per_s is float32 x @ w.
     "matmul_peak": ("paper", "matmul", [], 0, None),
+    # The `cpu` preset's sizes (what a CPU user trains at); the reference runs with --preset cpu.
+    "cpu_train": ("cpu", "train", [], 0, ["--mode", "train", "--preset", "cpu"]),
+    "cpu_plan_1": ("cpu", "plan", [], 1, ["--mode", "plan", "--plan-batch", "1", "--preset", "cpu"]),
+    "cpu_plan_8": ("cpu", "plan", [], 8, ["--mode", "plan", "--plan-batch", "8", "--preset", "cpu"]),
     "tiny_train": ("tiny", "train", [], 0, None),
     "tiny_plan_1": ("tiny", "plan", [], 1, None),
 }
+# Named sets of measurements for --only: the matmul ceiling beside each size's train step and decisions.
+GROUPS = {
+    "paper": ["matmul_peak", "train", "plan_1", "plan_8"],
+    "cpu": ["matmul_peak", "cpu_train", "cpu_plan_1", "cpu_plan_8"],
+}
 ACTION_DIM = 6  # walker, as in the reference
-TORCH_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "bench" / "torch_reference.py"
+# ../shared/bench/torch_reference.py seen from the repository, looked up from the nearest folder
+# above it that has one (a git worktree sits deeper than the main checkout).
+TORCH_REFERENCE = next((p / "shared" / "bench" / "torch_reference.py" for p in Path(__file__).resolve().parents[1:]
+                        if (p / "shared" / "bench" / "torch_reference.py").exists()),
+                       Path(__file__).resolve().parents[2] / "shared" / "bench" / "torch_reference.py")
 
 
 def _conv_flops(size_in: int, size_out: int, k: int, c_in: int, c_out: int, transposed: bool) -> int:
@@ -146,7 +162,7 @@ def worker(name: str, iters: int, warmup: int, profile: int = 0) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from planet_jax import config, learner, planner, rssm
+    from planet_jax import autotune, config, learner, planner, rssm
     from planet_jax.objective import Batch
 
     preset, kind, overrides, plan_batch, _ = MEASUREMENTS[name]
@@ -199,7 +215,11 @@ def worker(name: str, iters: int, warmup: int, profile: int = 0) -> dict:
               "compile_s": round(compile_s, 2), "gflop": round(gflop, 2),
               "gflops_per_s": round(gflop / median, 2),
               "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-              "jax": jax.__version__, "backend": jax.default_backend(), **extra}
+              "jax": jax.__version__, "backend": jax.default_backend(),
+              "load_1m": round(os.getloadavg()[0], 2), **extra}
+    if kind != "matmul":  # what planet_jax.autotune chose on this machine (cached), by op and shape
+        record["autotune"] = {f"{op} {key}": entry.get("choice") for op, by_key in autotune.choices().items()
+                              for key, entry in by_key.items()}
     if profile:  # after the peak-memory reading, which profiling would inflate
         record["top_ops"] = profile_ops(call, hlo(), profile)
     return record
@@ -236,6 +256,20 @@ def _matmul_peak(iters: int, warmup: int):
     return call, hlo, gflop, compile_s, {"shape_mkn": list(MATMUL_SHAPE), "gflops_per_s_by_case": rates}
 
 
+def machine() -> dict:
+    """The machine a set of figures was measured on: CPU model, cores, load averages, versions."""
+    try:
+        import torch
+        torch_version = torch.__version__
+    except ImportError:
+        torch_version = None
+    import jax
+
+    from planet_jax import autotune
+    return {"machine": autotune.cpu_model(), "cpus": os.cpu_count(), "load_avg": [round(x, 2) for x in os.getloadavg()],
+            "jax": jax.__version__, "torch": torch_version, "python": platform.python_version()}
+
+
 def _subprocess_json(cmd: list[str], env: dict) -> dict:
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
@@ -247,11 +281,16 @@ def _subprocess_json(cmd: list[str], env: dict) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.benchmark", description=__doc__.split("\n")[0])
-    parser.add_argument("--only", nargs="+", choices=sorted(MEASUREMENTS), default=list(MEASUREMENTS))
+    parser.add_argument("--only", nargs="+", choices=sorted(MEASUREMENTS) + sorted(GROUPS),
+                        default=list(MEASUREMENTS), metavar="NAME",
+                        help=f"measurements ({', '.join(MEASUREMENTS)}) or sets of them ({', '.join(GROUPS)}: "
+                             "the matmul ceiling, the train step and decisions for 1 and 8 environments)")
     parser.add_argument("--iters", type=int, default=5, help="timed calls per measurement")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls after compilation")
     parser.add_argument("--compare-torch", action="store_true",
                         help="also run ../shared/bench/torch_reference.py, alternating, and print ratios")
+    parser.add_argument("--torch-reference", type=Path, default=TORCH_REFERENCE, metavar="PATH",
+                        help=f"the reference script (default: {TORCH_REFERENCE})")
     parser.add_argument("--rounds", type=int, default=1,
                         help="with --compare-torch: alternate this many times per measurement")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
@@ -268,10 +307,12 @@ def main(argv=None) -> int:
             import torch  # noqa: F401  (only the reference needs it)
         except ImportError:
             parser.exit(2, f"{parser.prog}: error: --compare-torch needs PyTorch (pip install torch==2.13.0)\n")
-        if not TORCH_REFERENCE.exists():
-            parser.exit(2, f"{parser.prog}: error: {TORCH_REFERENCE} not found\n")
+        if not args.torch_reference.exists():
+            parser.exit(2, f"{parser.prog}: error: {args.torch_reference} not found\n")
     env = dict(os.environ)
-    for name in args.only:
+    print(json.dumps(machine()), flush=True)
+    names = list(dict.fromkeys(n for item in args.only for n in GROUPS.get(item, [item])))
+    for name in names:
         ours_cmd = [sys.executable, "-m", "experiments.benchmark", "--worker", name,
                     "--iters", str(args.iters), "--warmup", str(args.warmup), "--profile", str(args.profile)]
         torch_args = MEASUREMENTS[name][4]
@@ -281,10 +322,11 @@ def main(argv=None) -> int:
             print(json.dumps(ours), flush=True)
             if not compare:
                 continue
-            ref_cmd = [sys.executable, str(TORCH_REFERENCE), *torch_args, "--iters", str(args.iters),
+            ref_cmd = [sys.executable, str(args.torch_reference), *torch_args, "--iters", str(args.iters),
                        "--warmup", str(args.warmup)]
             ref = _subprocess_json(ref_cmd, {**env, "THP_MEM_ALLOC_ENABLE": "1"})
             ref["measurement"] = name
+            ref["load_1m"] = round(os.getloadavg()[0], 2)
             print(json.dumps(ref), flush=True)
             if "median_s" in ours and "median_s" in ref:
                 print(json.dumps({"ratio": name, "time_jax_over_torch": round(ours["median_s"] / ref["median_s"], 3),

@@ -13,6 +13,11 @@ from typing import Any, Sequence
 
 MODEL_KINDS = ("rssm", "ssm", "rnn")
 CONV_DTYPES = ("float32", "bfloat16")
+# Formulations of a stride-2 conv layer (planet_jax.ops, where each is described) and of the
+# planner's batch over environments (planet_jax.planner); all compute the same function.
+CONV_IMPLS = ("mixed", "xla", "conv", "im2col", "taps")
+PLAN_BATCHING = ("map", "vmap")
+_CHOICE_WORDS = ("auto", "default")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +51,17 @@ class ModelConfig:
     TPUs, at about 2^-8 relative error per product). Needs fast_conv."""
     image_group: int = 0
     """In the training loss, run the encoder and decoder on this many sequences at a time, one group
-    after another; B or more: the whole batch in one call. Same result either way. 0 picks by
-    backend: 2 sequences on a CPU (faster there, and about a third of the peak memory), the whole
-    batch on GPUs and TPUs."""
+    after another; B or more: the whole batch in one call. Same result either way. 0 measures once
+    per machine and batch shape which group is fastest (`planet_jax.autotune`, cached); with the
+    search off, 0 means 2 sequences on a CPU (less peak memory, working sets that stay in cache) and
+    the whole batch on GPUs and TPUs."""
+    conv_impl: str = "auto"
+    """How the fast_conv layers compute their stride-2 convolutions (one of CONV_IMPLS, described in
+    `planet_jax.ops`): 'auto' measures each layer's candidates once per machine and shape
+    (`planet_jax.autotune`, cached); 'default' takes 'mixed' without measuring; a formulation's name
+    pins it for every layer; 'conv0=taps,deconv3=conv' pins the named layers (encoder conv0..conv3,
+    decoder deconv0..deconv3) and leaves the others 'auto'. Applies in the training loss. Same
+    result every way, to float32 rounding."""
 
     @property
     def embed_size(self) -> int:
@@ -99,6 +112,10 @@ class PlannerConfig:
     """K: elites refit per iteration."""
     warm_start: bool = False
     """Start each decision from the previous mean shifted by one step (the paper restarts at N(0, I))."""
+    batching: str = "auto"
+    """How one call plans N environments: 'map' (one after another, `lax.map`), 'vmap' (all at
+    once), 'auto' (measured once per machine and size, `planet_jax.autotune`, cached) or 'default'
+    (map on a CPU, vmap elsewhere, without measuring). Same actions every way."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +195,10 @@ class Config:
             raise ValueError(f"model.image_group must be >= 0, got {m.image_group}")
         if m.conv_dtype not in CONV_DTYPES:
             raise ValueError(f"model.conv_dtype must be one of {', '.join(CONV_DTYPES)}, got {m.conv_dtype!r}")
+        conv_impl_pin(m.conv_impl, "")
+        if p.batching not in _CHOICE_WORDS + PLAN_BATCHING:
+            raise ValueError(f"planner.batching must be one of {', '.join(_CHOICE_WORDS + PLAN_BATCHING)}, "
+                             f"got {p.batching!r}")
         if m.conv_dtype != "float32" and not m.fast_conv:
             raise ValueError("model.conv_dtype=bfloat16 needs model.fast_conv=true")
         if p.top_k > p.candidates:
@@ -217,6 +238,22 @@ def _check_types(cfg: Config) -> None:
                 ok, kind = isinstance(value, str), "a string"
             if not ok:
                 raise ValueError(f"{name} must be {kind}, got {value!r}")
+
+
+def conv_impl_pin(spec: str, layer: str) -> str:
+    """What `ModelConfig.conv_impl` = spec says for the layer named `layer` ('auto', 'default' or one
+    of CONV_IMPLS). Raises ValueError naming the choices if spec is malformed."""
+    words = _CHOICE_WORDS + CONV_IMPLS
+    if spec in words:
+        return spec
+    pins = {}
+    for item in spec.split(","):
+        name, sep, impl = (part.strip() for part in item.partition("="))
+        if not sep or not name or impl not in words:
+            raise ValueError(f"model.conv_impl must be one of {', '.join(words)} or 'layer=choice,...' "
+                             f"(e.g. conv0=taps,deconv3=conv), got {spec!r}")
+        pins[name] = impl
+    return pins.get(layer, "auto")
 
 
 def paper() -> Config:

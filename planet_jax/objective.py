@@ -14,13 +14,14 @@ log-likelihoods drop their constants: -log N(x; mu, I) = ||x - mu||^2 / 2 + cons
 """
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import chex
 import jax
 import jax.numpy as jnp
 
-from planet_jax import networks, rssm
+from planet_jax import autotune, networks, ops, rssm
 from planet_jax.config import LossConfig, ModelConfig
 from planet_jax.replay import Batch
 from planet_jax.rssm import Gaussian, RSSMState
@@ -94,35 +95,86 @@ def sequence_loss(params: networks.Params, cfg: ModelConfig, loss_cfg: LossConfi
     }, feat
 
 
-# The group size that `model.image_group = 0` means on a CPU. At the paper's sizes on this project's CPU
-# (one of its cores) the step took 15.5 s with groups of 2 sequences, 16.5 s with 5 and 17.3 s with 10, and
-# 2 was also the fastest for the cpu preset; the peak memory stops falling below 5.
+# The group size that `model.image_group = 0` means on a CPU when nothing is measured.
 CPU_IMAGE_GROUP = 2
+# On a CPU, groups of more images than this are not timed (one call would take seconds).
+MAX_CPU_SEARCH_IMAGES = 1024
 
 
-def _by_groups(fn, xs, group: int):
-    """fn over the leading (batch) axis of the pytree xs, `group` entries at a time (see
-    `ModelConfig.image_group`; 0 picks by backend).
+def image_group(cfg: ModelConfig, batch: int, length: int, tuner: autotune.Tuner | None = None) -> int:
+    """Sequences per encoder/decoder call in the loss for a batch of `batch` sequences of `length`
+    frames: `cfg.image_group` when positive; for 0, the divisor of `batch` whose groups ran the
+    encoder and decoder (forward and gradients, layers as `ModelConfig.conv_impl` pins them or
+    'mixed') fastest per sequence on this machine (`planet_jax.autotune`, cached), or, with the
+    search off, CPU_IMAGE_GROUP on a CPU and the whole batch elsewhere."""
+    if cfg.image_group > 0:
+        return cfg.image_group
+    cpu = jax.default_backend() == "cpu"
+    default = min(CPU_IMAGE_GROUP, batch) if cpu else batch
+    sizes = [g for g in range(1, batch + 1) if batch % g == 0
+             and (not cpu or g * length <= MAX_CPU_SEARCH_IMAGES or g == default)]
+    candidates = {str(g): functools.partial(_timed_images, cfg, g * length) for g in sizes}
+    gflop = _image_flops(cfg) * length / 1e9
+    key = (f"B{batch} L{length} depth{cfg.cnn_depth} feat{cfg.feature_size} {cfg.conv_dtype} "
+           f"fast{int(cfg.fast_conv)} conv {cfg.conv_impl}")
+    calls = {str(g): batch / g for g in sizes}
+    return int((tuner or autotune.Tuner()).choose("objective.image_group", key, candidates, str(default),
+                                                  gflop=gflop, calls=calls))
+
+
+def _image_flops(cfg: ModelConfig) -> int:
+    """Forward FLOPs (2 * multiply-adds) of the encoder and decoder for one image."""
+    d = cfg.cnn_depth
+    encoder = sum(2 * size * size * 16 * c_in * c_out for size, c_in, c_out in
+                  ((31, 3, d), (14, d, 2 * d), (6, 2 * d, 4 * d), (2, 4 * d, 8 * d)))
+    decoder = 2 * cfg.feature_size * 32 * d + sum(
+        2 * size * size * k * k * c_in * c_out for size, k, c_in, c_out in
+        ((1, 5, 32 * d, 4 * d), (5, 5, 4 * d, 2 * d), (13, 6, 2 * d, d), (30, 6, d, 3)))
+    return encoder + decoder
+
+
+def _timed_images(cfg: ModelConfig, images: int) -> Callable[[], Any]:
+    """An autotune candidate: encoder and decoder, forward and gradients (parameters and features),
+    on `images` random images, compiled with the conv layers 'mixed' unless cfg pins them."""
+    kp, ko, kf = jax.random.split(jax.random.PRNGKey(0), 3)
+    mods = networks.modules(cfg)
+    o = jax.random.uniform(ko, (images, 64, 64, 3), minval=-0.5, maxval=0.5)
+    feat = jax.random.normal(kf, (images, cfg.feature_size))
+    params = {"encoder": mods["encoder"].init(kp, o[:1])["params"],
+              "decoder": mods["decoder"].init(kp, feat[:1])["params"]}
+
+    def loss(p, feat):
+        e = networks.encode(p, cfg, o)
+        return jnp.sum(jnp.square(networks.decode(p, cfg, feat) - o)) + jnp.sum(jnp.square(e))
+
+    with ops.conv_impl_scope("default" if cfg.conv_impl == "auto" else cfg.conv_impl):
+        grads = jax.jit(jax.grad(loss, (0, 1))).lower(params, feat).compile()
+    return lambda: jax.block_until_ready(grads(params, feat))
+
+
+def _by_groups(fn, xs, cfg: ModelConfig):
+    """fn over the leading (batch) axis of the pytree xs, `image_group(cfg, ...)` sequences at a
+    time (see `ModelConfig.image_group`), with the conv layers as `ModelConfig.conv_impl` says.
 
     Groups run one after another (`lax.map`), so the encoder's and decoder's large intermediates
     exist for one group of sequences at a time: less peak memory, and working sets that stay in
     cache. The result equals fn on the whole batch.
     """
-    batch = jax.tree.leaves(xs)[0].shape[0]
-    if group == 0:
-        group = CPU_IMAGE_GROUP if jax.default_backend() == "cpu" else batch
-    if group >= batch:
-        return fn(xs)
-    # fn sees whole groups (not lax.map's batch_size, which vmaps fn over each group's entries: that
-    # turns the transposed convs' custom backward into per-entry kernel gradients and sums them).
-    n, rest = divmod(batch, group)
-    split = lambda v: v[:n * group].reshape((n, group) + v.shape[1:])
-    ys = jax.tree.map(lambda v: v.reshape((n * group,) + v.shape[2:]),
-                      jax.lax.map(fn, jax.tree.map(split, xs)))
-    if rest:
-        tail = fn(jax.tree.map(lambda v: v[n * group:], xs))
-        ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys, tail)
-    return ys
+    batch, length = jax.tree.leaves(xs)[0].shape[:2]
+    group = image_group(cfg, batch, length)
+    with ops.conv_impl_scope(cfg.conv_impl):
+        if group >= batch:
+            return fn(xs)
+        # fn sees whole groups (not lax.map's batch_size, which vmaps fn over each group's entries:
+        # that turns the transposed convs' custom backward into per-entry kernel gradients).
+        n, rest = divmod(batch, group)
+        split = lambda v: v[:n * group].reshape((n, group) + v.shape[1:])
+        ys = jax.tree.map(lambda v: v.reshape((n * group,) + v.shape[2:]),
+                          jax.lax.map(fn, jax.tree.map(split, xs)))
+        if rest:
+            tail = fn(jax.tree.map(lambda v: v[n * group:], xs))
+            ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys, tail)
+        return ys
 
 
 def loss_fn(params: networks.Params, cfg: ModelConfig, loss_cfg: LossConfig, batch: Batch,
@@ -133,12 +185,12 @@ def loss_fn(params: networks.Params, cfg: ModelConfig, loss_cfg: LossConfig, bat
     chex.assert_shape(batch.reward, (B, T))
     k_pre, k_seq = jax.random.split(key)
     obs = networks.preprocess(batch.obs, k_pre, cfg.bit_depth)
-    embeds = _by_groups(lambda o: networks.encode(params, cfg, o), obs, cfg.image_group)
+    embeds = _by_groups(lambda o: networks.encode(params, cfg, o), obs, cfg)
     terms, feat = jax.vmap(sequence_loss, (None, None, None, 0, 0, 0, 0))(
         params, cfg, loss_cfg, embeds, batch.action, batch.reward, jax.random.split(k_seq, B))
     image_nll = _by_groups(
         lambda fo: 0.5 * jnp.sum(jnp.square(networks.decode(params, cfg, fo[0]) - fo[1]), (-3, -2, -1)),
-        (feat, obs), cfg.image_group)
+        (feat, obs), cfg)
     terms = jax.tree.map(lambda x: jnp.mean(x, 0), terms)
     terms["image_loss"] = jnp.mean(image_nll)
     D = loss_cfg.overshooting_distance

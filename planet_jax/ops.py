@@ -1,8 +1,7 @@
 """The stride-2 convolutions of the encoder and decoder, reformulated so that XLA:CPU runs them fast.
 
 XLA:CPU lowers `lax.conv_transpose` (an lhs-dilated convolution) and, worse, its gradients to slow
-generic loops; at the decoder's training batch (2500 images) the plain flax decoder's backward pass
-runs at a few GFLOP/s. `conv_transpose_s2` computes exactly what
+generic loops, far below the machine's matmul rate (docs/performance.md). `conv_transpose_s2` computes exactly what
 `flax.linen.ConvTranspose(O, (k, k), strides=(2, 2), padding='VALID')` computes, with
 ordinary stride-1 convolutions, matmuls and pads/reshapes only, in both passes:
 
@@ -17,12 +16,15 @@ ordinary stride-1 convolutions, matmuls and pads/reshapes only, in both passes:
     d/dkernel A^2 matmuls x^T @ shifted windows of space-to-depth(dy), taps past k skipped.
 The stride-1 convolutions above are themselves matmuls (`_conv_s1`): either the shifted windows
 side by side in channels and one matmul (when the input has fewer channels than the output), or one
-matmul per tap, summed (otherwise), whichever moves less memory. Everything is pure jnp/lax, so it
+matmul per tap, summed (otherwise), whichever moves less memory, or XLA's stride-1 conv for narrow
+layers. Which of these formulations (config.CONV_IMPLS, XLA's own strided op among them) each
+layer uses is measured once per machine and shape (`layer_impl`, planet_jax.autotune), since the
+fastest differs between CPUs and between CPUs and accelerators. Everything is pure jnp/lax, so it
 also runs (and differentiates) on GPU/TPU.
 
 `dtype` ('float32' or 'bfloat16') is the operand type of every matmul in both passes; products are
-accumulated and returned in float32. bfloat16 roughly halves the matmul time on CPUs with native
-bf16 dot products (and on TPUs) at a relative error of about 2^-8 per operand (tests/test_ops.py
+accumulated and returned in float32. bfloat16 speeds up the matmuls on CPUs with native bf16
+dot products (and on TPUs) at a relative error of about 2^-8 per operand (tests/test_ops.py
 states the tolerance against float32).
 
 `Deconv` is a drop-in for that flax layer: same parameter names, shapes and initialisers, so
@@ -36,7 +38,10 @@ is the matching drop-in layer.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+import math
 from typing import Callable, ClassVar
 
 import flax.linen as nn
@@ -44,22 +49,36 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from planet_jax.config import CONV_DTYPES
+from planet_jax import autotune
+from planet_jax.config import CONV_DTYPES, CONV_IMPLS, conv_impl_pin
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
 # Forward by matmul + overlap-add instead of the phase conv when the phase conv would do more than
-# this many times the exact multiply-adds (it pads the input by A - 1 on each side). The decoder's
-# 1x1 -> 5x5 layer (13x) uses the matmul; 5 -> 13 (2.8x) too; 13 -> 30 (1.3x) and 30 -> 64 (1.1x)
-# use the conv.
+# this many times the exact multiply-adds (it pads the input by A - 1 on each side): the decoder's
+# 1x1 -> 5x5 and 5 -> 13 layers use the matmul, its 13 -> 30 and 30 -> 64 layers the conv.
 _MAX_PHASE_CONV_WASTE = 2.0
 
 
-# Stride-1 convolutions with at most this product of input and output channels use XLA's conv (see
-# `_conv_s1`). Measured at 512 images on this project's 2-core CPU: the cpu preset's last decoder
-# layer (16 -> 4 x 3 channels) 0.024 s as a conv against 0.14 s per tap; the paper's (32 -> 4 x 3)
-# 0.43 s against 0.24 s.
+# In the 'mixed' formulation, stride-1 convolutions with at most this product of input and output
+# channels use XLA's conv (see `_conv_s1`): such narrow layers are memory-bound, and XLA:CPU's conv
+# ran them faster than any matmul form on the machine this default was set on.
 _MAX_CONV_CHANNELS = 256
+
+# How a stride-2 layer is computed (config.CONV_IMPLS); all give flax's result (tests/test_ops.py),
+# forward and backward:
+#   xla     XLA's own strided (or lhs-dilated) convolution and its gradients, as flax computes it;
+#   conv    the stride-1 reformulation below, its correlations by XLA's stride-1 conv (float32);
+#   im2col  the reformulation, each correlation as one matmul of the shifted windows side by side;
+#   taps    the reformulation, each correlation as one matmul per kernel tap, summed;
+#   mixed   the reformulation, per correlation: conv when narrow (_MAX_CONV_CHANNELS), otherwise
+#           im2col or taps, whichever copies the narrower of input and output.
+# 'mixed' is the default when nothing is measured; `layer_impl` measures (planet_jax.autotune).
+DEFAULT_CONV_IMPL = "mixed"
+# Calls of a layer per timed candidate, run as a loop (see `_timed_layer`).
+_LOOP_GROUPS = 2
+# The enclosing `conv_impl_scope`'s spec (ModelConfig.conv_impl syntax), read when a layer is traced.
+_CONV_IMPL_PIN: contextvars.ContextVar[str] = contextvars.ContextVar("conv_impl", default="auto")
 
 
 def _cast(x: jax.Array, dtype: str) -> jax.Array:
@@ -95,22 +114,22 @@ def _matmul_bwd(dtype, res, g):
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def _conv_s1(x: jax.Array, w: jax.Array, dtype: str) -> jax.Array:
-    """Stride-1 VALID correlation of x (B, H, W, C) with w (a, b, C, N), as matmuls.
-
-    C < N: the a * b shifted windows concatenated along channels (im2col), one matmul; otherwise one
-    matmul per tap and a sum, so the copied operand is always the narrower of input and output.
-    Differentiable, with `dtype` operands in the backward matmuls too. Narrow layers (C * N up to
-    _MAX_CONV_CHANNELS) are memory-bound, and XLA's own stride-1 convolution, in float32, runs them
-    several times faster than any matmul form on a CPU; their kernel gradient is still a matmul
-    (`_narrow_conv_s1`).
+def _conv_s1(x: jax.Array, w: jax.Array, dtype: str, impl: str) -> jax.Array:
+    """Stride-1 VALID correlation of x (B, H, W, C) with w (a, b, C, N), formulated as `impl` says
+    (see CONV_IMPLS): XLA's conv ('conv', float32 whatever `dtype`), the a * b shifted windows
+    concatenated along channels and one matmul ('im2col'), or one matmul per tap and a sum
+    ('taps'); 'mixed' takes 'conv' for narrow layers (C * N up to _MAX_CONV_CHANNELS) and otherwise
+    the matmul form that copies the narrower of input and output. Differentiable, with `dtype`
+    operands in the backward matmuls too.
     """
     a, b, c, n = w.shape
-    if c * n <= _MAX_CONV_CHANNELS:
+    if impl == "mixed":
+        impl = "conv" if c * n <= _MAX_CONV_CHANNELS else "im2col" if c < n else "taps"
+    if impl == "conv":
         return _narrow_conv_s1(x, w)
     mm = jnp.dot if dtype == "float32" else functools.partial(_matmul, dtype=dtype)
     windows = _windows(x, a, b)
-    if c < n:
+    if impl == "im2col":
         return mm(jnp.concatenate(windows, -1), w.reshape(a * b * c, n))
     taps = w.reshape(a * b, c, n)
     return sum(mm(win, taps[t]) for t, win in enumerate(windows))
@@ -125,8 +144,8 @@ def _windows(x: jax.Array, a: int, b: int) -> list[jax.Array]:
 @jax.custom_vjp
 def _narrow_conv_s1(x: jax.Array, w: jax.Array) -> jax.Array:
     """XLA's stride-1 VALID conv (float32), whose kernel gradient is one matmul of the shifted
-    windows side by side: XLA:CPU's own kernel-gradient conv for the cpu preset's first encoder
-    layer (12 -> 16 channels after space-to-depth, 512 images) took 0.5 s, a third of the step."""
+    windows side by side: XLA:CPU's own kernel-gradient conv was far slower than that matmul for
+    the cpu preset's first encoder layer (12 -> 16 channels after space-to-depth)."""
     return lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=_DN)
 
 
@@ -151,8 +170,7 @@ _narrow_conv_s1.defvjp(_narrow_conv_s1_fwd, _narrow_conv_s1_bwd)
 @jax.custom_vjp
 def relu(x: jax.Array) -> jax.Array:
     """max(x, 0), whose backward reads the output (kept anyway as the next layer's input) instead of
-    keeping a separate mask of x > 0: at the paper's training batch, about 0.2 GB less saved for the
-    backward pass. Gradients as `jax.nn.relu` (0 at x = 0), by reverse mode only (a custom VJP, like
+    keeping a separate mask of x > 0, so less is saved for the backward pass. Gradients as `jax.nn.relu` (0 at x = 0), by reverse mode only (a custom VJP, like
     `conv_transpose_s2`: forward-mode jvp is not defined)."""
     return jnp.maximum(x, 0)
 
@@ -198,6 +216,12 @@ def _check_dtype(dtype: str) -> str:
     return dtype
 
 
+def _check_impl(impl: str) -> str:
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv impl must be one of {', '.join(CONV_IMPLS)}, got {impl!r}")
+    return impl
+
+
 def _check_kernel(x: jax.Array, kernel: jax.Array, k_ok: bool, requirement: str) -> None:
     k = kernel.shape[0]
     if kernel.ndim != 4 or kernel.shape[1] != k or x.shape[-1] != kernel.shape[2] or not k_ok:
@@ -222,7 +246,7 @@ def _phase_conv_waste(h: int, w: int, k: int) -> float:
     return 4 * a * a * (h + a - 1) * (w + a - 1) / (h * w * k * k)
 
 
-def _forward_phase_conv(x: jax.Array, kernel: jax.Array, dtype: str) -> jax.Array:
+def _forward_phase_conv(x: jax.Array, kernel: jax.Array, dtype: str, impl: str) -> jax.Array:
     k, _, c_in, c_out = kernel.shape
     taps = _phase_taps(kernel)
     a = taps.shape[0]
@@ -230,7 +254,7 @@ def _forward_phase_conv(x: jax.Array, kernel: jax.Array, dtype: str) -> jax.Arra
     # x padded by A - 1 with the taps reversed along a and b.
     w = taps[::-1, :, ::-1].transpose(0, 2, 4, 1, 3, 5).reshape(a, a, c_in, 4 * c_out)
     xp = jnp.pad(x, ((0, 0), (a - 1, a - 1), (a - 1, a - 1), (0, 0)))
-    y = _depth_to_space(_conv_s1(xp, w, dtype), c_out)
+    y = _depth_to_space(_conv_s1(xp, w, dtype, impl), c_out)
     return y[:, :_out_size(x.shape[1], k), :_out_size(x.shape[2], k)]
 
 
@@ -249,13 +273,14 @@ def _forward_matmul(x: jax.Array, kernel: jax.Array, dtype: str) -> jax.Array:
     return y[:, :_out_size(h, k), :_out_size(w, k)]
 
 
-def _forward(x: jax.Array, kernel: jax.Array, dtype: str) -> jax.Array:
+def _forward(x: jax.Array, kernel: jax.Array, dtype: str, impl: str) -> jax.Array:
     if _phase_conv_waste(x.shape[1], x.shape[2], kernel.shape[0]) > _MAX_PHASE_CONV_WASTE:
         return _forward_matmul(x, kernel, dtype)
-    return _forward_phase_conv(x, kernel, dtype)
+    return _forward_phase_conv(x, kernel, dtype, impl)
 
 
-def _backward(x: jax.Array, kernel: jax.Array, dy: jax.Array, dtype: str) -> tuple[jax.Array, jax.Array]:
+def _backward(x: jax.Array, kernel: jax.Array, dy: jax.Array, dtype: str, impl: str
+              ) -> tuple[jax.Array, jax.Array]:
     k, _, c_in, c_out = kernel.shape
     b, h, w, _ = x.shape
     a = (k + 1) // 2
@@ -265,7 +290,7 @@ def _backward(x: jax.Array, kernel: jax.Array, dy: jax.Array, dtype: str) -> tup
     taps = _phase_taps(kernel)                                  # (a, r, b, s, I, O)
     # dx[i, j] = sum_{a, b, r, s} dy[2(i + a) + r, 2(j + b) + s] S[2a + r, 2b + s]^T.
     w_dx = taps.transpose(0, 2, 1, 3, 5, 4).reshape(a, a, 4 * c_out, c_in)
-    dx = _conv_s1(dyph, w_dx, dtype)
+    dx = _conv_s1(dyph, w_dx, dtype, impl)
     # dS[2a + r, 2b + s] = sum_{batch, i, j} x[i, j]^T dy-phase (r, s)[i + a, j + b]: one matmul per
     # shift (a, b) over the phases whose tap exists (2a + r < k), so odd k wastes nothing.
     x, dyph = _cast(x, dtype), _cast(dyph.reshape(b, hp, wp, 2, 2, c_out), dtype)
@@ -284,35 +309,39 @@ def _backward(x: jax.Array, kernel: jax.Array, dy: jax.Array, dtype: str) -> tup
     return dx, d_s[::-1, ::-1]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv_transpose_s2(x: jax.Array, kernel: jax.Array, dtype: str) -> jax.Array:
-    return _forward(x, kernel, dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_transpose_s2(x: jax.Array, kernel: jax.Array, dtype: str, impl: str) -> jax.Array:
+    return _forward(x, kernel, dtype, impl)
 
 
-def _conv_transpose_s2_fwd(x, kernel, dtype):
+def _conv_transpose_s2_fwd(x, kernel, dtype, impl):
     # x is kept as it came (usually a ReLU's output, which that ReLU keeps too); `_backward` casts it.
-    return _forward(x, kernel, dtype), (x, kernel)
+    return _forward(x, kernel, dtype, impl), (x, kernel)
 
 
-def _conv_transpose_s2_bwd(dtype, res, dy):
-    return _backward(*res, dy, dtype)
+def _conv_transpose_s2_bwd(dtype, impl, res, dy):
+    return _backward(*res, dy, dtype, impl)
 
 
 _conv_transpose_s2.defvjp(_conv_transpose_s2_fwd, _conv_transpose_s2_bwd)
 
 
 def conv_transpose_s2(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
-                      dtype: str = "float32") -> jax.Array:
+                      dtype: str = "float32", impl: str = DEFAULT_CONV_IMPL) -> jax.Array:
     """Stride-2 VALID transposed conv, equal to flax's `ConvTranspose(O, (k, k), (2, 2), 'VALID')`.
 
     x: (..., H, W, I) NHWC; kernel: (k, k, I, O) in flax's layout and convention; bias: (O,) or None;
-    dtype: the matmuls' operand type (see the module docstring); the result is float32.
-    Returns (..., 2(H - 1) + k, 2(W - 1) + k, O). Differentiable by reverse mode (a custom VJP that
-    is itself differentiable); forward-mode (jvp) is not defined.
+    dtype: the matmuls' operand type (see the module docstring); impl: one of CONV_IMPLS. The
+    result is float32, (..., 2(H - 1) + k, 2(W - 1) + k, O). Differentiable by reverse mode (a
+    custom VJP that is itself differentiable); forward-mode (jvp) is defined only for impl 'xla'.
+    Raises ValueError for a kernel that is not (k, k, I, O) with k >= 2, or an unknown dtype or impl.
     """
     # k = 1 is excluded: flax pads its output to 2H there (VALID keeps max(k, stride) per input).
     _check_kernel(x, kernel, kernel.shape[0] >= 2, "k >= 2")
-    return _apply(functools.partial(_conv_transpose_s2, dtype=_check_dtype(dtype)), x, kernel, bias)
+    dtype, impl = _check_dtype(dtype), _check_impl(impl)
+    if impl == "xla":
+        return conv_transpose_s2_plain(x, kernel, bias)
+    return _apply(functools.partial(_conv_transpose_s2, dtype=dtype, impl=impl), x, kernel, bias)
 
 
 def conv_transpose_s2_plain(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
@@ -331,28 +360,32 @@ def _s2d_kernel(kernel: jax.Array) -> jax.Array:
 
 
 def conv_s2(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
-            dtype: str = "float32") -> jax.Array:
+            dtype: str = "float32", impl: str = DEFAULT_CONV_IMPL) -> jax.Array:
     """Stride-2 VALID conv, equal to flax's `Conv(O, (k, k), strides=(2, 2), padding='VALID')`.
 
     x: (..., H, W, I) NHWC; kernel: (k, k, I, O) with k even; bias: (O,) or None. Returns
     (..., (H - k) // 2 + 1, (W - k) // 2 + 1, O). y[m, n] = sum_{p, q} x[2m + p, 2n + q] @ w[p, q]:
-    with p = 2i + r this is a stride-1 correlation of space-to-depth(x) with (k/2)^2 taps, done by
-    matmuls with `dtype` operands in both passes (the result is float32).
+    with p = 2i + r this is a stride-1 correlation of space-to-depth(x) with (k/2)^2 taps, formulated
+    as `impl` says (one of CONV_IMPLS; 'xla' is flax's op), with `dtype` operands in the matmuls of
+    both passes (the result is float32). Raises ValueError for a kernel that is not (k, k, I, O)
+    with k even, or an unknown dtype or impl.
     """
     _check_kernel(x, kernel, kernel.shape[0] % 2 == 0, "k even")
-    dtype = _check_dtype(dtype)
-    return _apply(lambda x, kernel: _conv_s2(x, kernel, dtype), x, kernel, bias)
+    dtype, impl = _check_dtype(dtype), _check_impl(impl)
+    if impl == "xla":
+        return conv_s2_plain(x, kernel, bias)
+    return _apply(lambda x, kernel: _conv_s2(x, kernel, dtype, impl), x, kernel, bias)
 
 
 # Rematerialised: the backward keeps only x and the kernel, and rebuilds the shifted windows (the
 # matmul operands, up to (k/2)^2 copies of the input) from them. Rebuilding is slicing only; the
-# forward matmul is not redone, since the backward of a linear map does not read its output. At the
-# paper's training batch this cuts the step's peak memory by about 1.2 GB.
-@functools.partial(jax.checkpoint, static_argnums=(2,))
-def _conv_s2(x: jax.Array, kernel: jax.Array, dtype: str) -> jax.Array:
+# forward matmul is not redone, since the backward of a linear map does not read its output; the
+# step's peak memory falls by the size of those copies.
+@functools.partial(jax.checkpoint, static_argnums=(2, 3))
+def _conv_s2(x: jax.Array, kernel: jax.Array, dtype: str, impl: str) -> jax.Array:
     k = kernel.shape[0]
     ho, wo = (x.shape[1] - k) // 2 + 1, (x.shape[2] - k) // 2 + 1
-    return _conv_s1(_space_to_depth(x[:, :2 * (ho - 1) + k, :2 * (wo - 1) + k]), _s2d_kernel(kernel), dtype)
+    return _conv_s1(_space_to_depth(x[:, :2 * (ho - 1) + k, :2 * (wo - 1) + k]), _s2d_kernel(kernel), dtype, impl)
 
 
 def conv_s2_plain(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
@@ -362,10 +395,62 @@ def conv_s2_plain(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None
     return _apply(op, x, kernel, bias)
 
 
+@contextlib.contextmanager
+def conv_impl_scope(spec: str):
+    """Within this block, fast stride-2 layers take the formulation `spec` pins (the syntax of
+    `ModelConfig.conv_impl`: 'auto', 'default', one of CONV_IMPLS, or 'conv0=taps,deconv3=conv,...'
+    by layer name, unnamed layers 'auto'). Raises ValueError for a malformed spec."""
+    conv_impl_pin(spec, "")  # validates
+    token = _CONV_IMPL_PIN.set(spec)
+    try:
+        yield
+    finally:
+        _CONV_IMPL_PIN.reset(token)
+
+
+def layer_impl(op: Callable, name: str | None, x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
+               dtype: str, tuner: autotune.Tuner | None = None) -> str:
+    """The formulation (one of CONV_IMPLS) of layer `name` computing op (`conv_s2` or
+    `conv_transpose_s2`) on x (..., H, W, I) with a (k, k, I, O) kernel: as pinned by the enclosing
+    `conv_impl_scope`, else measured once per machine and shape (forward and both gradients; see
+    planet_jax.autotune) and cached, else (search off, or too little work to time) 'mixed'.
+    Candidates are timed as _LOOP_GROUPS calls of the layer in a loop (`_timed_layer`)."""
+    x_shape = (math.prod(x_shape[:-3]),) + tuple(x_shape[-3:])
+    k, _, c_in, c_out = kernel_shape
+    if op is conv_s2:
+        positions = ((x_shape[1] - k) // 2 + 1) * ((x_shape[2] - k) // 2 + 1)
+    else:
+        positions = x_shape[1] * x_shape[2]
+    gflop = 2 * x_shape[0] * positions * k * k * c_in * c_out / 1e9
+    key = f"x{'x'.join(map(str, x_shape))} k{k} o{c_out} {dtype}"
+    candidates = {impl: functools.partial(_timed_layer, op, impl, x_shape, tuple(kernel_shape), dtype)
+                  for impl in CONV_IMPLS}
+    pin = conv_impl_pin(_CONV_IMPL_PIN.get(), name or "")
+    return (tuner or autotune.Tuner()).choose(f"ops.{op.__name__}", key, candidates, DEFAULT_CONV_IMPL,
+                                              pin, gflop)
+
+
+def _timed_layer(op: Callable, impl: str, x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
+                 dtype: str) -> Callable[[], tuple[jax.Array, jax.Array]]:
+    """An autotune candidate: the layer's forward and both gradients (as in a training step) on
+    random inputs of the given shapes, as the body of a loop over LOOP_GROUPS groups (the loss maps
+    over groups of sequences): XLA:CPU runs some convolutions (its strided conv's gradients) far
+    slower inside a loop body than alone, so a candidate timed alone could win and then lose."""
+    kx, kk, kg = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(kx, (_LOOP_GROUPS,) + x_shape)
+    kernel = jax.random.normal(kk, kernel_shape) / kernel_shape[0]
+    y_shape = jax.eval_shape(lambda x, w: op(x, w, None, dtype, impl), x[0], kernel).shape
+    g = jax.random.normal(kg, (_LOOP_GROUPS,) + y_shape)
+    vjp = lambda x, w, g: jax.vjp(lambda x, w: op(x, w, None, dtype, impl), x, w)[1](g)
+    grads = jax.jit(lambda x, w, g: jax.lax.map(lambda xg: vjp(xg[0], w, xg[1]), (x, g)))
+    return lambda: jax.block_until_ready(grads(x, kernel, g))
+
+
 class _Stride2Layer(nn.Module):
     """A stride-2 VALID layer with flax's parameters ('kernel' (k, k, I, O), 'bias' (O,)) and
-    initialisers, computed by `_fast_op` (with `dtype` matmul operands) when `fast` and by flax's own
-    op otherwise, so both paths share parameters."""
+    initialisers, computed by `_fast_op` (with `dtype` matmul operands, in the formulation that
+    `layer_impl` picks for its name and shapes) when `fast` and by flax's own op otherwise, so both
+    paths share parameters."""
     features: int
     kernel_size: int
     fast: bool = True
@@ -383,8 +468,11 @@ class _Stride2Layer(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", self.bias_init, (self.features,), jnp.float32) if self.use_bias else None
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)
-        op = type(self)._fast_op if self.fast else type(self)._plain_op
-        return op(x, kernel, bias, self.dtype)
+        if not self.fast:
+            return type(self)._plain_op(x, kernel, bias)
+        op = type(self)._fast_op
+        impl = layer_impl(op, self.name, x.shape, kernel.shape, self.dtype)
+        return op(x, kernel, bias, self.dtype, impl)
 
 
 class Conv(_Stride2Layer):

@@ -8,7 +8,7 @@ plan, shifted by one step, is the initial mean (`PlannerConfig.warm_start`).
 
 `make_planner(model_cfg, planner_cfg, action_dim)` returns one jitted `plan` that serves one
 environment (state.h (|h|,), one key) or N at once (state.h (N, |h|), N keys). The batch maps the
-single-environment plan over environments (`lax.map`, vmapped on accelerators), so each
+single-environment plan over environments (`lax.map` or `vmap`, as `plan_batching` picks), so each
 environment's candidates are always scored from its own state, and N environments give exactly
 what N separate calls with the same keys give. (The original TF planner tiled states
 (candidate, env) but reshaped actions (env, candidate), pairing actions with other environments'
@@ -16,6 +16,7 @@ states.)
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable
 
@@ -23,8 +24,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from planet_jax import cem, networks, rssm
-from planet_jax.config import ModelConfig, PlannerConfig
+from planet_jax import autotune, cem, networks, rssm
+from planet_jax.config import PLAN_BATCHING, ModelConfig, PlannerConfig
 from planet_jax.networks import Params
 
 ACTION_LOW, ACTION_HIGH = -1.0, 1.0
@@ -78,11 +79,45 @@ def _plan(params: Params, state: rssm.RSSMState, key: jax.Array, prev_mean: jax.
                             action_dim=action_dim)
     if not batch:
         return one(state, key, prev_mean)
-    # On a CPU one environment's J candidates already keep the cores busy, and planning the
-    # environments one after another keeps each one's activations in cache (about 12% less CPU
-    # time than a vmap over all 8 at the paper's sizes); an accelerator wants them all at once.
-    chunk = None if jax.default_backend() == "cpu" else batch[0]
-    return jax.lax.map(lambda x: one(*x), (state, key, prev_mean), batch_size=chunk)
+    if plan_batching(model_cfg, planner_cfg, action_dim, batch[0]) == "vmap":
+        return jax.vmap(one)(state, key, prev_mean)
+    return jax.lax.map(lambda x: one(*x), (state, key, prev_mean))
+
+
+def plan_batching(model_cfg: ModelConfig, planner_cfg: PlannerConfig, action_dim: int, n: int,
+                  tuner: autotune.Tuner | None = None) -> str:
+    """How a call plans n environments, 'map' (one after another) or 'vmap' (all at once):
+    `planner_cfg.batching` when it names one; for 'auto', whichever decided faster on this machine
+    (`planet_jax.autotune`, cached per machine and sizes); for 'default' or with the search off,
+    'map' on a CPU (one environment's J candidates already fill its cores, and its activations stay
+    in cache) and 'vmap' on accelerators, which want all the work at once."""
+    default = "map" if jax.default_backend() == "cpu" else "vmap"
+    p, m = planner_cfg, model_cfg
+    candidates = {b: functools.partial(_timed_plan, m, p, action_dim, n, b) for b in PLAN_BATCHING}
+    transition = 2 * ((m.s_size + action_dim) * m.hidden + 3 * (m.hidden + m.h_size) * m.h_size
+                      + m.h_size * m.hidden + m.hidden * 2 * m.s_size)
+    reward = 2 * (m.feature_size * m.reward_hidden + (m.reward_layers - 1) * m.reward_hidden ** 2)
+    # Per environment: with little work each, the batching changes nothing worth timing.
+    gflop = p.iterations * p.candidates * p.horizon * (transition + reward) / 1e9
+    key = (f"N{n} H{p.horizon} I{p.iterations} J{p.candidates} K{p.top_k} warm{int(p.warm_start)} a{action_dim} "
+           f"{m.kind} h{m.h_size} s{m.s_size} hidden{m.hidden} reward{m.reward_hidden}x{m.reward_layers}")
+    pin = p.batching if n > 1 or p.batching != "auto" else "default"  # one environment: the same
+    return (tuner or autotune.Tuner()).choose("planner.batching", key, candidates, default, pin, gflop)
+
+
+def _timed_plan(model_cfg: ModelConfig, planner_cfg: PlannerConfig, action_dim: int, n: int,
+                batching: str) -> Callable[[], object]:
+    """An autotune candidate: one decision for n environments with random parameters and states."""
+    mods = networks.modules(model_cfg)
+    kt, kr, kh, ks, kk = jax.random.split(jax.random.PRNGKey(0), 5)
+    h, s = jax.random.normal(kh, (n, model_cfg.h_size)), jax.random.normal(ks, (n, model_cfg.s_size))
+    params = {"transition": mods["transition"].init(kt, h[0], s[0], jnp.zeros(action_dim))["params"],
+              "reward": mods["reward"].init(kr, jnp.zeros(model_cfg.feature_size))["params"]}
+    cfg = dataclasses.replace(planner_cfg, batching=batching)
+    plan = jax.jit(functools.partial(_plan, model_cfg=model_cfg, planner_cfg=cfg, action_dim=action_dim))
+    state, keys = rssm.RSSMState(h, s), jax.random.split(kk, n)
+    compiled = plan.lower(params, state, keys).compile()
+    return lambda: jax.block_until_ready(compiled(params, state, keys))
 
 
 def make_planner(model_cfg: ModelConfig, planner_cfg: PlannerConfig, action_dim: int

@@ -37,3 +37,18 @@ def test_matmul_peak_reports_each_dtype_and_orientation(monkeypatch):
     assert set(rates) == {"float32 x@w", "float32 xT@g", "bfloat16 x@w", "bfloat16 xT@g"}
     assert all(rate > 0 for rate in rates.values())
     assert record["n"] == 2 and record["min_s"] <= record["median_s"] <= record["max_s"]
+
+
+def test_measurement_sets_name_known_measurements_and_the_cpu_preset_reference():
+    for names in benchmark.GROUPS.values():
+        assert names[0] == "matmul_peak" and set(names) <= set(benchmark.MEASUREMENTS)
+    for name in benchmark.GROUPS["cpu"][1:]:
+        preset, _, _, _, torch_args = benchmark.MEASUREMENTS[name]
+        assert preset == "cpu" and torch_args[-2:] == ["--preset", "cpu"]
+    assert [benchmark.MEASUREMENTS[n][3] for n in ("cpu_plan_1", "cpu_plan_8")] == [1, 8]
+
+
+def test_machine_line_names_the_cpu_and_versions():
+    line = benchmark.machine()
+    assert line["machine"] and line["cpus"] >= 1 and len(line["load_avg"]) == 3
+    assert line["jax"] == jax.__version__

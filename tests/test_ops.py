@@ -159,17 +159,30 @@ def test_bad_dtype_is_named():
         ops.conv_s2(jnp.zeros((1, 8, 8, 3)), jnp.zeros((4, 4, 3, 2)), dtype="float16")
 
 
-@pytest.mark.parametrize("case", [("deconv", 13, 6, 12, 8), ("deconv", 30, 6, 8, 3), ("conv", (31, 31, 8), 4, 12),
-                                  ("conv", (14, 14, 4), 4, 16)])
-def test_matmul_forms_of_the_stride1_correlation_equal_flax(case, monkeypatch):
-    """With every layer routed to the matmul forms (per-tap sum and im2col), not XLA's conv."""
-    monkeypatch.setattr(ops, "_MAX_CONV_CHANNELS", 0)
-    if case[0] == "deconv":
-        _, size, k, c_in, c_out = case
-        _check_against_references(ops.conv_transpose_s2, _naive, _flax, (size, size, c_in), k, c_out, seed=k)
+# The decoder's four layers and the encoder's (scaled down in channels; the first decoder layer
+# takes the matmul forward whatever the formulation, its backward follows it).
+LAYER_CASES = [("deconv", (1, 1, 16), 5, 8), ("deconv", (5, 5, 8), 5, 6), ("deconv", (13, 13, 12), 6, 8),
+               ("deconv", (30, 30, 8), 6, 3), ("conv", (64, 64, 3), 4, 4), ("conv", (31, 31, 8), 4, 12),
+               ("conv", (14, 14, 4), 4, 16), ("conv", (6, 6, 16), 4, 32)]
+
+
+@pytest.mark.parametrize("impl", [impl for impl in ops.CONV_IMPLS if impl != ops.DEFAULT_CONV_IMPL])
+@pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: f"{c[0]}{c[1][0]}")
+def test_every_formulation_equals_flax(case, impl):
+    """Each formulation the autotuner may pick (ops.CONV_IMPLS; the default one is tested above),
+    values and gradients."""
+    kind, shape, k, c_out = case
+    if kind == "deconv":
+        fast = lambda x, w, b: ops.conv_transpose_s2(x, w, b, impl=impl)
+        _check_against_references(fast, _naive, _flax, shape, k, c_out, seed=k)
     else:
-        _, shape, k, c_out = case
-        _check_against_references(ops.conv_s2, _naive_conv, _flax_conv, shape, k, c_out, seed=k)
+        fast = lambda x, w, b: ops.conv_s2(x, w, b, impl=impl)
+        _check_against_references(fast, _naive_conv, _flax_conv, shape, k, c_out, seed=k)
+
+
+def test_bad_impl_is_named():
+    with pytest.raises(ValueError, match="impl"):
+        ops.conv_s2(jnp.zeros((1, 8, 8, 3)), jnp.zeros((4, 4, 3, 2)), impl="fastest")
 
 
 _ITEM_BYTES = {"f32": 4, "bf16": 2, "bool": 1, "s32": 4, "u32": 4, "u8": 1}

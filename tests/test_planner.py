@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from planet_jax import networks, planner, rssm
-from planet_jax.config import PlannerConfig
+from planet_jax.config import PLAN_BATCHING, PlannerConfig
 from tests.conftest import ACTION_DIM, assert_trees_close, tiny_model
 from tests.test_cem import count_eqns
 
@@ -105,13 +105,28 @@ def test_batched_warm_start_equals_separate_calls(cfg, params):
 
 
 def test_accelerator_batch_path_equals_cpu_path(cfg, params, plan, monkeypatch):
-    # On a CPU the environments are planned one after another; elsewhere vmapped. Same results.
+    # Unmeasured, a CPU plans the environments one after another; elsewhere vmapped. Same results.
     state = random_states(cfg, jax.random.PRNGKey(12), (N,))
     keys = jax.random.split(jax.random.PRNGKey(13), N)
     sequential = plan(params, state, keys)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     vmapped = planner.make_planner(cfg, SMALL, ACTION_DIM)(params, state, keys)
     assert_trees_close(vmapped, sequential, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("warm_start", [False, True])
+def test_each_batching_equals_separate_calls(cfg, params, warm_start):
+    """Both batchings the autotuner may pick (config.PLAN_BATCHING), pinned, against N single calls."""
+    state = random_states(cfg, jax.random.PRNGKey(14), (N,))
+    keys = jax.random.split(jax.random.PRNGKey(15), N)
+    prev = jax.random.uniform(jax.random.PRNGKey(16), (N, SMALL.horizon, ACTION_DIM), minval=-1)
+    single = planner.make_planner(cfg, dataclasses.replace(SMALL, warm_start=warm_start), ACTION_DIM)
+    separate = [single(params, jax.tree.map(lambda x: x[i], state), keys[i], prev[i]) for i in range(N)]
+    for batching in PLAN_BATCHING:
+        pinned = dataclasses.replace(SMALL, warm_start=warm_start, batching=batching)
+        action, mean = planner.make_planner(cfg, pinned, ACTION_DIM)(params, state, keys, prev)
+        for i in range(N):
+            assert_trees_close((action[i], mean[i]), separate[i], rtol=0, atol=1e-5)
 
 
 def test_fixed_key_same_action_and_actions_inside_bounds(cfg, params, plan):

@@ -1,0 +1,184 @@
+"""Choosing among exact, interchangeable implementations by timing them on the machine in use.
+
+Several of planet_jax's speed choices depend on the machine more than on the model: how a stride-2
+convolution layer is computed (`ops.CONV_IMPLS`), how many sequences the encoder and decoder see at
+a time (`objective.image_group`), and whether the planner maps or vmaps over environments
+(`planner.PLAN_BATCHING`). Like XLA's and cuDNN's autotuners, `choose` times each candidate once
+for the shapes in use, at trace time (in Python, never inside jit), and remembers the fastest:
+
+  cache   one JSON file, `cache_dir() / "autotune.json"`: {"version": 1, "entries": {machine:
+          {op: {shape key: {"choice": name, "seconds": {name: s}}}}}}, where machine is
+          `machine_id()` (CPU model or accelerator kind, core count, jax version), so a cache that
+          travels with a home folder to another machine or jax is not reused there. The folder is
+          $PLANET_JAX_CACHE_DIR, else $XDG_CACHE_HOME/planet_jax, else ~/.cache/planet_jax. A
+          corrupt or unreadable file is ignored (with an AutotuneWarning) and rewritten; an
+          unwritable folder only loses the memory of the choice.
+  search  on unless $PLANET_JAX_AUTOTUNE is 0/off/false/no; when off, or when the work is too
+          small for timings to mean anything (`MIN_SEARCH_GFLOP`), each op takes its fixed default
+          (the rule planet_jax used before it measured). Config values pin a choice per op
+          (`ModelConfig.conv_impl`, `ModelConfig.image_group`, `PlannerConfig.batching`).
+
+Every candidate computes the same function (tests/test_ops.py, test_objective.py and
+test_planner.py check each against the plain flax/XLA version), so a choice changes speed and
+memory only, never results beyond float32 rounding.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import os
+import platform
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+ENV_CACHE_DIR = "PLANET_JAX_CACHE_DIR"
+ENV_SEARCH = "PLANET_JAX_AUTOTUNE"
+CACHE_FILE = "autotune.json"
+CACHE_VERSION = 1
+
+# Below this much work per call (GFLOP, forward) a candidate's time is mostly dispatch and noise on
+# any machine, so the default is taken without measuring (this keeps tiny test models from searching).
+MIN_SEARCH_GFLOP = 0.05
+
+# A candidate builder returns a zero-argument callable that runs the candidate once, on concrete
+# inputs, and blocks until it is done; its first call may compile.
+Builder = Callable[[], Callable[[], Any]]
+# A timer gets the candidate's name and builder and returns its time per call in seconds.
+Timer = Callable[[str, Builder], float]
+
+
+class AutotuneWarning(UserWarning):
+    """The cache could not be read or written; choices are then measured again or defaulted."""
+
+
+def cache_dir() -> Path:
+    """The folder of the choice cache: $PLANET_JAX_CACHE_DIR, $XDG_CACHE_HOME/planet_jax or
+    ~/.cache/planet_jax (XDG base directory convention)."""
+    if os.environ.get(ENV_CACHE_DIR):
+        return Path(os.environ[ENV_CACHE_DIR]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "planet_jax"
+
+
+def search_enabled() -> bool:
+    """False when $PLANET_JAX_AUTOTUNE is 0, off, false or no (then every op takes its default)."""
+    return os.environ.get(ENV_SEARCH, "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what the platform module reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_id() -> str:
+    """What a measured choice is valid for: the default device's kind (the CPU model on a CPU) with
+    the number of devices or cores, and the jax version, e.g. 'cpu AMD EPYC x2 jax 0.10.2'."""
+    import jax
+
+    backend = jax.default_backend()
+    if backend == "cpu":
+        device = f"cpu {cpu_model()} x{os.cpu_count()}"
+    else:
+        device = f"{backend} {jax.devices()[0].device_kind} x{jax.device_count()}"
+    return f"{device} jax {jax.__version__}"
+
+
+def time_candidate(name: str, build: Builder, budget_s: float = 1.0, reps: int = 5) -> float:
+    """Seconds per call of a candidate: built and called once (compilation, warm-up), then the
+    minimum over up to `reps` timed calls, stopping once `budget_s` is spent. The minimum, since on
+    a shared machine other work only ever adds time."""
+    del name
+    run = build()
+    run()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < reps and (not times or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuner:
+    """Measures and remembers choices. `Tuner()` reads the environment (cache folder, search switch)
+    and times with `time_candidate`; tests pass a folder, a switch and a fake timer."""
+    path: Path = dataclasses.field(default_factory=lambda: cache_dir() / CACHE_FILE)
+    search: bool = dataclasses.field(default_factory=search_enabled)
+    timer: Timer = time_candidate
+    machine: str = dataclasses.field(default_factory=machine_id)
+
+    def choose(self, op: str, key: str, candidates: Mapping[str, Builder], default: str,
+               pin: str = "auto", gflop: float | None = None,
+               calls: Mapping[str, float] | None = None) -> str:
+        """The candidate to use for `op` at shape `key` (a string naming the shapes and settings).
+
+        pin: 'auto' (the cached choice, else measure, cache and return the fastest), 'default'
+        (`default` without measuring), or a candidate's name (returned as is). `default` is also
+        taken when searching is off or `gflop` (work per call) is below MIN_SEARCH_GFLOP. calls:
+        how many calls of each candidate the op needs (default 1); the least total time wins.
+        Raises ValueError naming the choices for a pin or default that is not a candidate.
+        Measuring runs in a worker thread, so this may be called while jax traces a function.
+        """
+        names = list(candidates)
+        if default not in names:
+            raise ValueError(f"default {default!r} of {op} is not one of its candidates {', '.join(names)}")
+        if pin not in ("auto", "default", *names):
+            raise ValueError(f"unknown {op} choice {pin!r}: choose from auto, default, {', '.join(names)}")
+        if pin != "auto":
+            return default if pin == "default" else pin
+        if not self.search or (gflop is not None and gflop < MIN_SEARCH_GFLOP):
+            return default
+        entry = self._read().get(self.machine, {}).get(op, {}).get(key)
+        if isinstance(entry, dict) and entry.get("choice") in names:
+            return entry["choice"]
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # outside any jax trace
+            seconds = pool.submit(lambda: {n: float(self.timer(n, candidates[n])) for n in names}).result()
+        total = {n: seconds[n] * (calls or {}).get(n, 1.0) for n in names}
+        choice = min(names, key=lambda n: (total[n], n != default))
+        self._write(op, key, {"choice": choice, "seconds": {n: round(s, 6) for n, s in seconds.items()}})
+        return choice
+
+    def _read(self) -> dict:
+        try:
+            text = self.path.read_text()
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        except OSError as err:
+            warnings.warn(f"autotune cache {self.path} unreadable ({err}); measuring again", AutotuneWarning)
+            return {}
+        try:
+            data = json.loads(text)
+            if data.get("version") != CACHE_VERSION or not isinstance(data.get("entries"), dict):
+                raise ValueError("not a version-1 autotune cache")
+            return data["entries"]
+        except (ValueError, AttributeError) as err:
+            warnings.warn(f"autotune cache {self.path} ignored ({err}); it will be rewritten", AutotuneWarning)
+            return {}
+
+    def _write(self, op: str, key: str, entry: dict) -> None:
+        entries = self._read()
+        entries.setdefault(self.machine, {}).setdefault(op, {})[key] = entry
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"version": CACHE_VERSION, "entries": entries}, indent=1, sort_keys=True))
+            os.replace(tmp, self.path)  # atomic: a concurrent reader sees the old or the new file
+        except OSError as err:
+            warnings.warn(f"autotune cache {self.path} not written ({err}); the choice is not remembered",
+                          AutotuneWarning)
+
+
+def choices(tuner: Tuner | None = None) -> dict[str, dict[str, Any]]:
+    """This machine's cached choices, {op: {shape key: {'choice', 'seconds'}}} (for reports)."""
+    tuner = tuner or Tuner()
+    return tuner._read().get(tuner.machine, {})

@@ -1,0 +1,210 @@
+"""Measured choices: the cache (write, read, corrupt, per machine), pins, the off switch, and the
+three users (conv layers, image groups, the planner's batching). Timers are fakes, so no test
+depends on how fast anything runs."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from planet_jax import autotune, config, objective, ops, planner
+from tests.conftest import tiny_model
+
+
+class FakeTimer:
+    """Seconds per candidate name from a table; records which candidates it was asked to time."""
+
+    def __init__(self, seconds):
+        self.seconds, self.timed = seconds, []
+
+    def __call__(self, name, build):
+        self.timed.append(name)
+        return self.seconds[name]
+
+
+def never_timed(name, build):
+    raise AssertionError(f"{name} was timed")
+
+
+CANDIDATES = {"a": lambda: None, "b": lambda: None, "c": lambda: None}
+
+
+def tuner(tmp_path, timer, search=True, machine="test machine"):
+    return autotune.Tuner(tmp_path / "cache" / "autotune.json", search, timer, machine)
+
+
+def test_measures_once_writes_the_cache_and_reads_it_back(tmp_path):
+    timer = FakeTimer({"a": 3.0, "b": 1.0, "c": 2.0})
+    assert tuner(tmp_path, timer).choose("op", "shape 1", CANDIDATES, "a") == "b"
+    assert timer.timed == ["a", "b", "c"]
+    data = json.loads((tmp_path / "cache" / "autotune.json").read_text())
+    entry = data["entries"]["test machine"]["op"]["shape 1"]
+    assert entry == {"choice": "b", "seconds": {"a": 3.0, "b": 1.0, "c": 2.0}}
+    # A new tuner (a new process) finds it without timing; another shape or machine measures again.
+    assert tuner(tmp_path, never_timed).choose("op", "shape 1", CANDIDATES, "a") == "b"
+    other = FakeTimer({"a": 1.0, "b": 2.0, "c": 3.0})
+    assert tuner(tmp_path, other).choose("op", "shape 2", CANDIDATES, "c") == "a"
+    assert tuner(tmp_path, other, machine="another").choose("op", "shape 1", CANDIDATES, "c") == "a"
+    assert autotune.choices(tuner(tmp_path, never_timed))["op"].keys() == {"shape 1", "shape 2"}
+
+
+def test_ties_go_to_the_default_and_calls_weigh_the_times(tmp_path):
+    timer = FakeTimer({"a": 1.0, "b": 1.0, "c": 1.0})
+    assert tuner(tmp_path, timer).choose("op", "tie", CANDIDATES, "c") == "c"
+    # b is slower per call but needs a quarter of the calls.
+    timer = FakeTimer({"a": 1.0, "b": 3.0, "c": 2.0})
+    assert tuner(tmp_path, timer).choose("op", "w", CANDIDATES, "a", calls={"a": 4, "b": 1, "c": 4}) == "b"
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"version": 0, "entries": {}}', "[1, 2]"])
+def test_a_corrupt_cache_is_ignored_with_a_warning_and_rewritten(tmp_path, text):
+    path = tmp_path / "cache" / "autotune.json"
+    path.parent.mkdir()
+    path.write_text(text)
+    with pytest.warns(autotune.AutotuneWarning, match="ignored"):
+        choice = tuner(tmp_path, FakeTimer({"a": 2.0, "b": 1.0, "c": 3.0})).choose("op", "k", CANDIDATES, "a")
+    assert choice == "b"
+    assert json.loads(path.read_text())["entries"]["test machine"]["op"]["k"]["choice"] == "b"
+
+
+def test_an_unwritable_cache_warns_and_still_chooses(tmp_path):
+    (tmp_path / "cache").write_text("a file where the folder should be")
+    with pytest.warns(autotune.AutotuneWarning, match="not written"):
+        choice = tuner(tmp_path, FakeTimer({"a": 2.0, "b": 1.0, "c": 3.0})).choose("op", "k", CANDIDATES, "a")
+    assert choice == "b"
+
+
+def test_pins_search_off_and_small_work_take_no_measurement(tmp_path):
+    t = tuner(tmp_path, never_timed)
+    assert t.choose("op", "k", CANDIDATES, "a", pin="c") == "c"
+    assert t.choose("op", "k", CANDIDATES, "a", pin="default") == "a"
+    assert t.choose("op", "k", CANDIDATES, "a", gflop=autotune.MIN_SEARCH_GFLOP / 2) == "a"
+    assert tuner(tmp_path, never_timed, search=False).choose("op", "k", CANDIDATES, "b") == "b"
+    assert not (tmp_path / "cache").exists()
+    with pytest.raises(ValueError, match="choose from auto, default, a, b, c"):
+        t.choose("op", "k", CANDIDATES, "a", pin="d")
+    with pytest.raises(ValueError, match="default"):
+        t.choose("op", "k", CANDIDATES, "d")
+
+
+def test_environment_sets_the_folder_and_the_switch(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv(autotune.ENV_CACHE_DIR, raising=False)
+    assert autotune.cache_dir() == tmp_path / "xdg" / "planet_jax"
+    monkeypatch.setenv(autotune.ENV_CACHE_DIR, str(tmp_path / "mine"))
+    assert autotune.Tuner().path == tmp_path / "mine" / "autotune.json"
+    for word, on in (("off", False), ("0", False), ("no", False), ("1", True), ("on", True)):
+        monkeypatch.setenv(autotune.ENV_SEARCH, word)
+        assert autotune.search_enabled() is on
+    assert jax.__version__ in autotune.machine_id() and autotune.cpu_model()
+
+
+def test_measuring_while_jax_traces_runs_the_candidates_for_real(tmp_path):
+    """Choices are made at trace time; the candidates still run on concrete arrays (a worker thread)."""
+    ran = []
+
+    def build(name):
+        f = jax.jit(lambda x: x * 2.0)
+        return lambda: ran.append((name, float(f(jnp.float32(1.0)))))
+
+    t = tuner(tmp_path, lambda name, b: autotune.time_candidate(name, b, budget_s=0.0, reps=1))
+    chosen = []
+
+    @jax.jit
+    def traced(x):
+        chosen.append(t.choose("op", "k", {n: (lambda n=n: build(n)) for n in ("p", "q")}, "p"))
+        return x + 1
+
+    assert float(traced(1.0)) == 2.0
+    assert chosen[0] in ("p", "q") and {name for name, _ in ran} == {"p", "q"}
+    assert all(value == 2.0 for _, value in ran)
+
+
+def test_conv_layers_take_the_measured_or_pinned_formulation(tmp_path):
+    t = tuner(tmp_path, FakeTimer({"mixed": 3.0, "xla": 4.0, "conv": 2.0, "im2col": 1.0, "taps": 5.0}))
+    args = (ops.conv_s2, "conv1", (64, 31, 31, 16), (4, 4, 16, 32), "float32")
+    assert ops.layer_impl(*args, tuner=t) == "im2col"
+    never = tuner(tmp_path, never_timed)
+    assert ops.layer_impl(*args, tuner=never) == "im2col"  # cached
+    with ops.conv_impl_scope("conv1=taps,deconv0=xla"):
+        assert ops.layer_impl(*args, tuner=never) == "taps"
+        assert ops.layer_impl(ops.conv_s2, "conv2", (64, 14, 14, 32), (4, 4, 32, 64), "float32",
+                              tuner=tuner(tmp_path, FakeTimer(dict.fromkeys(config.CONV_IMPLS, 1.0)))) == "mixed"
+    with ops.conv_impl_scope("default"):
+        assert ops.layer_impl(*args, tuner=never) == "mixed"
+    with pytest.raises(ValueError, match="conv_impl"):
+        with ops.conv_impl_scope("conv1=fastest"):
+            pass
+
+
+def test_pinned_conv_formulations_give_the_same_encoder_and_decoder(tmp_path, monkeypatch):
+    monkeypatch.setenv(autotune.ENV_CACHE_DIR, str(tmp_path))
+    cfg = tiny_model()
+    from planet_jax import networks
+    params = networks.init_params(cfg, 2, jax.random.PRNGKey(0))
+    o = jax.random.uniform(jax.random.PRNGKey(1), (2, 64, 64, 3), minval=-0.5, maxval=0.5)
+    feat = jax.random.normal(jax.random.PRNGKey(2), (2, cfg.feature_size))
+    results = {}
+    for spec in config.CONV_IMPLS:
+        with ops.conv_impl_scope(spec):
+            results[spec] = (networks.encode(params, cfg, o), networks.decode(params, cfg, feat))
+    for spec, (e, image) in results.items():
+        np.testing.assert_allclose(e, results["xla"][0], atol=1e-5, rtol=1e-5, err_msg=spec)
+        np.testing.assert_allclose(image, results["xla"][1], atol=1e-5, rtol=1e-5, err_msg=spec)
+
+
+def test_image_group_is_the_fastest_per_sequence_or_the_pin(tmp_path, monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    cfg = tiny_model()
+    # Groups of 1, 2, 4, 8 sequences: 8 takes 5x the time of 1 for 8x the work, so 8 wins.
+    timer = FakeTimer({"1": 1.0, "2": 1.9, "4": 4.2, "8": 5.0})
+    t = tuner(tmp_path, timer)
+    monkeypatch.setattr(autotune, "MIN_SEARCH_GFLOP", 0.0)
+    assert objective.image_group(cfg, 8, 4, tuner=t) == 8
+    assert timer.timed == ["1", "2", "4", "8"]
+    assert objective.image_group(cfg, 8, 4, tuner=tuner(tmp_path, never_timed)) == 8
+    assert objective.image_group(config.override(config.tiny(), ["model.image_group=3"]).model, 8, 4,
+                                 tuner=tuner(tmp_path, never_timed)) == 3
+    off = tuner(tmp_path, never_timed, search=False)
+    assert objective.image_group(cfg, 8, 4, tuner=off) == objective.CPU_IMAGE_GROUP
+    # Groups past MAX_CPU_SEARCH_IMAGES are not timed on a CPU.
+    monkeypatch.setattr(objective, "MAX_CPU_SEARCH_IMAGES", 8)
+    timer = FakeTimer({"1": 1.0, "2": 1.0})
+    assert objective.image_group(cfg, 8, 4, tuner=tuner(tmp_path / "2", timer)) == 2
+    assert timer.timed == ["1", "2"]
+
+
+def test_image_group_candidate_runs_the_encoder_and_decoder_gradients():
+    grads = objective._timed_images(tiny_model(), 3)()
+    assert {"encoder", "decoder"} <= set(grads[0]) and grads[1].shape == (3, tiny_model().feature_size)
+
+
+def test_plan_batching_measured_pinned_or_default(tmp_path, monkeypatch):
+    cfg = tiny_model()
+    small = config.PlannerConfig(horizon=4, iterations=2, candidates=32, top_k=4)
+    monkeypatch.setattr(autotune, "MIN_SEARCH_GFLOP", 0.0)
+    timer = FakeTimer({"map": 2.0, "vmap": 1.0})
+    assert planner.plan_batching(cfg, small, 2, 8, tuner=tuner(tmp_path, timer)) == "vmap"
+    never = tuner(tmp_path, never_timed)
+    assert planner.plan_batching(cfg, small, 2, 8, tuner=never) == "vmap"
+    pinned = config.PlannerConfig(horizon=4, iterations=2, candidates=32, top_k=4, batching="map")
+    assert planner.plan_batching(cfg, pinned, 2, 8, tuner=never) == "map"
+    assert planner.plan_batching(cfg, small, 2, 1, tuner=never) == "map"  # one environment: default
+    off = tuner(tmp_path / "off", never_timed, search=False)
+    assert planner.plan_batching(cfg, small, 2, 3, tuner=off) == "map"
+    # The candidate itself: a real decision for 3 environments.
+    action, mean = planner._timed_plan(cfg, small, 2, 3, "vmap")()
+    assert action.shape == (3, 2) and mean.shape == (3, 4, 2)
+
+
+def test_config_rejects_unknown_choices():
+    for item in ("model.conv_impl=fastest", "model.conv_impl=conv0", "planner.batching=pmap"):
+        with pytest.raises(ValueError, match="conv_impl|batching"):
+            config.override(config.tiny(), [item]).validate()
+    config.override(config.tiny(), ["model.conv_impl=conv0=taps,deconv3=xla", "planner.batching=vmap"]).validate()
+
+
+def test_layer_candidate_runs_the_layer_gradients_in_a_loop():
+    dx, dw = ops._timed_layer(ops.conv_transpose_s2, "taps", (3, 5, 5, 4), (5, 5, 4, 2), "float32")()
+    assert dx.shape == (ops._LOOP_GROUPS, 3, 5, 5, 4) and dw.shape == (ops._LOOP_GROUPS, 5, 5, 4, 2)
