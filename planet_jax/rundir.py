@@ -25,7 +25,8 @@ LOCK_FILE = ".lock"
 RESUMABLE_CHANGES = (("train", "episodes"), ("train", "num_envs"), ("train", "cover_episode_ends"),
                      ("train", "graded_seed_actions"), ("train", "test_episodes"),
                      ("train", "max_skipped_updates"),
-                     ("model", "fast_conv"), ("model", "conv_dtype"), ("model", "image_group"))
+                     ("model", "fast_conv"), ("model", "conv_dtype"), ("model", "image_group"),
+                     ("model", "conv_impl"), ("planner", "batching"))
 
 
 class RunError(Exception):

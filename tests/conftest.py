@@ -8,6 +8,10 @@ import pytest
 
 from planet_jax import config, networks
 
+# The suite never times formulations (planet_jax.autotune) nor writes to the user's cache folder:
+# every test runs today's default choices; tests/test_autotune.py tests the search with fake timers.
+os.environ.setdefault("PLANET_JAX_AUTOTUNE", "off")
+
 ACTION_DIM = 2
 
 
