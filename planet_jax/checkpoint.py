@@ -21,9 +21,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-# orbax logs every save at INFO level through absl; a training run only needs its own messages.
+# orbax logs every save through absl (at INFO, and a WARNING whenever a save waits for the previous
+# one's background work, as every save of a run does); a training run only needs its own messages,
+# and Checkpointer reports failures itself.
 _ABSL = logging.getLogger("absl")
-_ABSL.setLevel(logging.WARNING)
+_ABSL.setLevel(logging.ERROR)
 # Orbax's name for a checkpoint being written: "<step>.orbax-checkpoint-tmp", in some versions with
 # a suffix after it.
 _UNFINISHED = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
