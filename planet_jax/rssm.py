@@ -19,8 +19,9 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from planet_jax import networks
 from planet_jax.config import ModelConfig
-from planet_jax.networks import Params, Posterior, Transition
+from planet_jax.networks import Params
 
 
 class RSSMState(NamedTuple):
@@ -61,7 +62,7 @@ def sample(cfg: ModelConfig, dist: Gaussian, key: jax.Array) -> jax.Array:
 def prior(params: Params, cfg: ModelConfig, state_tm1: RSSMState, a_tm1: jax.Array
           ) -> tuple[jax.Array, Gaussian]:
     """h_t = f(h_{t-1}, s_{t-1}, a_{t-1}) and p(s_t | h_t)."""
-    h_t, raw = Transition(cfg).apply({"params": params["transition"]}, state_tm1.h, state_tm1.s, a_tm1)
+    h_t, raw = networks.apply(params, cfg, "transition", state_tm1.h, state_tm1.s, a_tm1)
     return h_t, _gaussian(cfg, raw)
 
 
@@ -77,7 +78,7 @@ def posterior_step(params: Params, cfg: ModelConfig, h_t: jax.Array, e_t: jax.Ar
                    key: jax.Array) -> tuple[RSSMState, Gaussian]:
     """(h_t, s_t ~ q(s_t | h_t, e_t)) and the posterior itself."""
     chex.assert_shape(e_t, (..., cfg.embed_size))
-    q = _gaussian(cfg, Posterior(cfg).apply({"params": params["posterior"]}, h_t, e_t))
+    q = _gaussian(cfg, networks.apply(params, cfg, "posterior", h_t, e_t))
     return RSSMState(h_t, sample(cfg, q, key)), q
 
 

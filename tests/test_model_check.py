@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from experiments import model_check as model_check_cli
-from planet_jax import checkpoint, config, learner, loop, model_check, planner, rssm
+from planet_jax import checkpoint, config, learner, loop, model_check, networks, planner, rssm
 
 ENV = "cartpole_balance"
 
@@ -31,16 +31,41 @@ def test_probe_sequences():
     assert np.abs(seqs["random0"]).max() <= 1 and not np.array_equal(seqs["random0"], seqs["random1"])
 
 
-def test_predicted_rewards_equal_the_planners_score_for_a_deterministic_model():
-    """With the deterministic 'rnn' variant every prior rollout is the same, so the per-step
-    predictions summed must equal what the planner scores the same sequences with."""
-    cfg = dataclasses.replace(config.tiny().model, kind="rnn")
+def _model(kind):
+    cfg = dataclasses.replace(config.tiny().model, kind=kind)
     params = learner.init_train_state(dataclasses.replace(config.tiny(), model=cfg), 2,
                                       jax.random.PRNGKey(0)).params
     state = rssm.RSSMState(jax.random.normal(jax.random.PRNGKey(1), (cfg.h_size,)),
                            jax.random.normal(jax.random.PRNGKey(2), (cfg.s_size,)))
+    return cfg, params, state
+
+
+def test_expected_rewards_average_prior_rollouts_stepped_by_hand():
+    """Each of the samples replayed as a plain loop of transition steps with the documented keys."""
+    cfg, params, state = _model("rssm")
+    N, H, samples = 3, 4, 5
+    actions = jax.random.uniform(jax.random.PRNGKey(3), (N, H, 2), minval=-1, maxval=1)
+    key = jax.random.PRNGKey(4)
+    got = np.asarray(model_check.expected_rewards(params, cfg, state, actions, key, samples))
+    assert got.shape == (N, H)
+    want = np.zeros((N, H))
+    for k_sample in jax.random.split(key, samples):
+        for n, k_seq in enumerate(jax.random.split(k_sample, N)):
+            s = state
+            for t, k_t in enumerate(jax.random.split(k_seq, H)):
+                s, _ = rssm.transition_step(params, cfg, s, actions[n, t], k_t)
+                want[n, t] += float(networks.reward(params, cfg, rssm.features(s))) / samples
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    one = np.asarray(model_check.expected_rewards(params, cfg, state, actions, key, 1))
+    assert not np.allclose(got, one)  # the prior's noise matters, so the average is not one rollout
+
+
+def test_expected_rewards_equal_the_planners_score_for_a_deterministic_model():
+    """With the deterministic 'rnn' variant every prior rollout is the same, so the per-step
+    predictions summed must equal what the planner scores the same sequences with."""
+    cfg, params, state = _model("rnn")
     actions = jax.random.uniform(jax.random.PRNGKey(3), (6, 4, 2), minval=-1, maxval=1)
-    per_step = model_check.predicted_rewards(params, cfg, state, actions, jax.random.PRNGKey(4), 3)
+    per_step = model_check.expected_rewards(params, cfg, state, actions, jax.random.PRNGKey(4), 3)
     assert per_step.shape == (6, 4)
     scored = planner.predicted_return(params, cfg, state, actions, jax.random.PRNGKey(5))
     np.testing.assert_allclose(np.asarray(per_step).sum(1), np.asarray(scored), rtol=1e-5, atol=1e-5)
