@@ -34,9 +34,9 @@ class Encoder(nn.Module):
         def first_two(module, x):
             return layer(1, 2)(relu(layer(0, 1)(x)))
 
-        # Rematerialised: the backward recomputes the first layer's output (the largest activation,
-        # 31x31x32 per image, a quarter of the step's saved bytes at the paper's sizes) from the image, which
-        # is kept anyway, instead of keeping it. The first layer is the cheapest (3 input channels).
+        # Rematerialised: the backward recomputes the first layer's output (the largest activation
+        # the step would save) from the image, which is kept anyway, instead of keeping it. The first
+        # layer is the cheapest to recompute (3 input channels).
         x = relu(nn.remat(first_two)(self, o))
         for i, mult in ((2, 4), (3, 8)):
             x = relu(layer(i, mult)(x))
