@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import chex
+import distrax
 import jax
 import jax.numpy as jnp
 
@@ -31,9 +32,17 @@ class RSSMState(NamedTuple):
 
 
 class Gaussian(NamedTuple):
-    """Diagonal Gaussian over s: mean and std, each (..., |s|)."""
+    """Diagonal Gaussian over s: mean and std, each (..., |s|).
+
+    Kept as arrays so that scans can stack it; `distribution()` is the same Gaussian as a distrax
+    distribution, which does the sampling, the KL and the log-likelihood.
+    """
     mean: jax.Array
     std: jax.Array
+
+    def distribution(self) -> distrax.MultivariateNormalDiag:
+        """distrax.MultivariateNormalDiag(mean, std): batch shape (...), event shape (|s|,)."""
+        return distrax.MultivariateNormalDiag(self.mean, self.std)
 
 
 def initial_state(cfg: ModelConfig, batch_shape: tuple[int, ...] = ()) -> RSSMState:
@@ -53,10 +62,11 @@ def _gaussian(cfg: ModelConfig, raw: jax.Array) -> Gaussian:
 
 
 def sample(cfg: ModelConfig, dist: Gaussian, key: jax.Array) -> jax.Array:
-    """s ~ dist by reparameterisation (the mean for the deterministic 'rnn' variant)."""
+    """s ~ dist, (..., |s|), by reparameterisation: mean + std * N(0, I) noise drawn with `key`
+    (distrax's sample, differentiable in mean and std); the mean for the deterministic 'rnn' variant."""
     if cfg.kind == "rnn":
         return dist.mean
-    return dist.mean + dist.std * jax.random.normal(key, dist.mean.shape, dist.mean.dtype)
+    return dist.distribution().sample(seed=key)
 
 
 def prior(params: Params, cfg: ModelConfig, state_tm1: RSSMState, a_tm1: jax.Array

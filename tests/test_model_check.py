@@ -3,6 +3,7 @@ simulator side against the task's known physics, and the CLI on a run folder wit
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -32,9 +33,13 @@ def test_probe_sequences():
 
 
 def _model(kind):
+    """What imagination reads (transition and reward model; the conv networks would only cost
+    time to initialise) and a random belief state."""
     cfg = dataclasses.replace(config.tiny().model, kind=kind)
-    params = learner.init_train_state(dataclasses.replace(config.tiny(), model=cfg), 2,
-                                      jax.random.PRNGKey(0)).params
+    mods, k_transition, k_reward = networks.modules(cfg), *jax.random.split(jax.random.PRNGKey(0))
+    h, s, a = jnp.zeros(cfg.h_size), jnp.zeros(cfg.s_size), jnp.zeros(2)
+    params = {"transition": mods["transition"].init(k_transition, h, s, a)["params"],
+              "reward": mods["reward"].init(k_reward, jnp.zeros(cfg.feature_size))["params"]}
     state = rssm.RSSMState(jax.random.normal(jax.random.PRNGKey(1), (cfg.h_size,)),
                            jax.random.normal(jax.random.PRNGKey(2), (cfg.s_size,)))
     return cfg, params, state
@@ -43,7 +48,7 @@ def _model(kind):
 def test_expected_rewards_average_prior_rollouts_stepped_by_hand():
     """Each of the samples replayed as a plain loop of transition steps with the documented keys."""
     cfg, params, state = _model("rssm")
-    N, H, samples = 3, 4, 5
+    N, H, samples = 2, 3, 3
     actions = jax.random.uniform(jax.random.PRNGKey(3), (N, H, 2), minval=-1, maxval=1)
     key = jax.random.PRNGKey(4)
     got = np.asarray(model_check.expected_rewards(params, cfg, state, actions, key, samples))
