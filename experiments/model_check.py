@@ -35,10 +35,10 @@ def main(argv=None) -> int:
             raise ValueError("--warmup and --random must be >= 0")
         import jax
 
-        from planet_jax import envs, loop, model_check
+        from planet_jax import envs, loop, model_check, rundir
 
-        cfg, env_name, _ = loop.load_run(args.logdir)
-        probe_env = envs.make_env(env_name, args.seed, cfg.train.action_repeat, cfg.train.episode_steps)
+        cfg, env_name, _ = rundir.read(args.logdir)
+        probe_env = envs.make_env(env_name, cfg.train.action_repeat, cfg.train.episode_steps)
         action_dim, repeat, steps = probe_env.action_dim, probe_env.action_repeat, probe_env.max_agent_steps
         probe_env.close()
         if args.warmup + cfg.planner.horizon > steps:

@@ -41,7 +41,7 @@ def make_policy(cfg: Config, action_dim: int) -> Callable:
     def policy(params, belief: Belief, obs: jax.Array, key: jax.Array, noise: jax.Array):
         n = obs.shape[0]
         k_post, k_plan, k_noise = jax.random.split(key, 3)
-        e = networks.encode(params, cfg.model, networks.preprocess(obs, None, cfg.model.bit_depth))
+        e = networks.embed(params, cfg.model, obs)
         observe = partial(rssm.observe_step, params, cfg.model)
         state, _, _ = jax.vmap(observe)(belief.state, belief.action, e, jax.random.split(k_post, n))
         action, mean = plan(params, state, jax.random.split(k_plan, n), belief.plan)
@@ -75,6 +75,20 @@ class Actor:
         self._t += 1
         return np.asarray(action)
 
+
+@partial(jax.jit, static_argnums=1)
+def filter_belief(params, cfg: ModelConfig, obs: jax.Array, action: jax.Array, key: jax.Array
+                  ) -> RSSMState:
+    """Posterior states after each of T frames, filtered from the zero state (`rssm.observe`).
+
+    obs: uint8 (T, 64, 64, 3); action (T, A), row t the action that led into frame t (row 0 zeros,
+    the replay's convention); key for the posterior samples. Returns h (T, |h|) and s (T, |s|);
+    the belief after the last frame is index -1.
+    """
+    states, _, _ = rssm.observe(params, cfg, networks.embed(params, cfg, obs), action, key)
+    return states
+
+
 @partial(jax.jit, static_argnums=(1, 5))
 def openloop_video(params, cfg: ModelConfig, obs: jax.Array, action: jax.Array, key: jax.Array,
                    context: int) -> jax.Array:
@@ -84,12 +98,11 @@ def openloop_video(params, cfg: ModelConfig, obs: jax.Array, action: jax.Array, 
     from the last context state under the true actions.
     """
     k_obs, k_img = jax.random.split(key)
-    x = networks.preprocess(obs, None, cfg.bit_depth)
-    e = networks.encode(params, cfg, x[:context])
-    states, _, _ = rssm.observe(params, cfg, e, action[:context], k_obs)
+    states = filter_belief(params, cfg, obs[:context], action[:context], k_obs)
     last = jax.tree.map(lambda v: v[-1], states)
     imagined, _ = rssm.imagine(params, cfg, last, action[context:], k_img)
     feats = jnp.concatenate([rssm.features(states), rssm.features(imagined)])
     model = networks.decode(params, cfg, feats)
+    x = networks.preprocess(obs, None, cfg.bit_depth)
     error = (model - x) / 2.0
     return networks.postprocess(jnp.concatenate([x, jnp.clip(model, -0.5, 0.5), error], axis=2))

@@ -7,8 +7,9 @@ imagines H agent steps under each probe sequence (`rssm.imagine`, averaged over 
 predicts their rewards; the simulator replays the same episode start under the same sequence for
 the true rewards.
 
-Plain Python around two jitted functions (`filter_belief`, `predicted_rewards`); the simulator side
-builds a fresh environment per sequence, so every sequence starts from the same physical state.
+Plain Python around two jitted functions (`agent.filter_belief`, `expected_rewards`); the
+simulator side builds a fresh environment per sequence, so every sequence starts from the same
+physical state.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from planet_jax import envs, networks, rssm
+from planet_jax import agent, envs, planner, rssm
 from planet_jax.config import ModelConfig
 
 
@@ -46,27 +47,15 @@ def probe_sequences(horizon: int, action_dim: int, random_count: int, rng: np.ra
     return {name: np.asarray(a, np.float32) for name, a in sequences.items()}
 
 
-@partial(jax.jit, static_argnums=1)
-def filter_belief(params, cfg: ModelConfig, obs: jax.Array, action: jax.Array, key: jax.Array
-                  ) -> rssm.RSSMState:
-    """The posterior state after frames obs uint8 (T, 64, 64, 3), where action (T, A) row t led to
-    frame t (row 0 zeros, the replay's convention)."""
-    e = networks.encode(params, cfg, networks.preprocess(obs, None, cfg.bit_depth))
-    states, _, _ = rssm.observe(params, cfg, e, action, key)
-    return jax.tree.map(lambda x: x[-1], states)
-
-
 @partial(jax.jit, static_argnums=(1, 5))
-def predicted_rewards(params, cfg: ModelConfig, state: rssm.RSSMState, actions: jax.Array,
-                      key: jax.Array, samples: int) -> jax.Array:
+def expected_rewards(params, cfg: ModelConfig, state: rssm.RSSMState, actions: jax.Array,
+                     key: jax.Array, samples: int) -> jax.Array:
     """Predicted reward of each imagined step, (N, H) for actions (N, H, A) from one belief state,
-    averaged over `samples` prior rollouts per sequence (the planner scores a single rollout)."""
-    def one(a, k):
-        def rollout(kk):
-            states, _ = rssm.imagine(params, cfg, state, a, kk)
-            return networks.reward(params, cfg, rssm.features(states))
-        return jax.vmap(rollout)(jax.random.split(k, samples)).mean(0)
-    return jax.vmap(one)(actions, jax.random.split(key, actions.shape[0]))
+    averaged over `samples` prior rollouts per sequence (`planner.predicted_rewards`, which the
+    planner scores with a single rollout); rollout i uses key jax.random.split(key, samples)[i]."""
+    rollouts = jax.vmap(planner.predicted_rewards, in_axes=(None, None, None, None, 0))(
+        params, cfg, state, actions, jax.random.split(key, samples))
+    return rollouts.mean(0)
 
 
 def true_rewards(env_name: str, seed: int, action_repeat: int, episode_steps: int,
@@ -97,8 +86,9 @@ def check(params, cfg: ModelConfig, env_name: str, seed: int, action_repeat: int
     true, frames = true_rewards(env_name, seed, action_repeat, episode_steps, prefix, stacked)
     action = np.concatenate([np.zeros((1,) + prefix.shape[1:], np.float32), prefix]).astype(np.float32)
     k_filter, k_imagine = jax.random.split(key)
-    state = filter_belief(params, cfg, jnp.asarray(frames), jnp.asarray(action), k_filter)
-    predicted = predicted_rewards(params, cfg, state, jnp.asarray(stacked), k_imagine, samples)
+    states = agent.filter_belief(params, cfg, jnp.asarray(frames), jnp.asarray(action), k_filter)
+    state = jax.tree.map(lambda x: x[-1], states)
+    predicted = expected_rewards(params, cfg, state, jnp.asarray(stacked), k_imagine, samples)
     return CheckResult(names, true, np.asarray(predicted, np.float64))
 
 

@@ -5,7 +5,9 @@ explicit parameter pytree (see `init_params`). Images are NHWC, 64x64x3.
 """
 from __future__ import annotations
 
-from typing import Any
+import functools
+import types
+from typing import Any, Mapping
 
 import chex
 import flax.linen as nn
@@ -32,9 +34,9 @@ class Encoder(nn.Module):
         def first_two(module, x):
             return layer(1, 2)(relu(layer(0, 1)(x)))
 
-        # Rematerialised: the backward recomputes the first layer's output (the largest activation,
-        # 31x31x32 per image, a quarter of the step's saved bytes at the paper's sizes) from the image, which
-        # is kept anyway, instead of keeping it. The first layer is the cheapest (3 input channels).
+        # Rematerialised: the backward recomputes the first layer's output (the largest activation
+        # the step would save) from the image, which is kept anyway, instead of keeping it. The first
+        # layer is the cheapest to recompute (3 input channels).
         x = relu(nn.remat(first_two)(self, o))
         for i, mult in ((2, 4), (3, 8)):
             x = relu(layer(i, mult)(x))
@@ -104,14 +106,25 @@ class Posterior(nn.Module):
         return nn.Dense(2 * self.cfg.s_size, name="post_out")(y)
 
 
-def modules(cfg: ModelConfig) -> dict[str, nn.Module]:
-    return {
+@functools.cache
+def modules(cfg: ModelConfig) -> Mapping[str, nn.Module]:
+    """The five networks for `cfg`, built once per configuration (a read-only mapping by part name:
+    'encoder', 'decoder', 'reward', 'transition', 'posterior', the keys of the parameter pytree)."""
+    return types.MappingProxyType({
         "encoder": Encoder(cfg.cnn_depth, cfg.fast_conv, cfg.conv_dtype),
         "decoder": Decoder(cfg.cnn_depth, cfg.fast_conv, cfg.conv_dtype),
         "reward": RewardModel(cfg.reward_hidden, cfg.reward_layers),
         "transition": Transition(cfg),
         "posterior": Posterior(cfg),
-    }
+    })
+
+
+def apply(params: Params, cfg: ModelConfig, part: str, *inputs: jax.Array) -> Any:
+    """Runs network `part` (a key of `modules(cfg)`) on `inputs` with its slice of `params`.
+
+    Raises KeyError for an unknown part.
+    """
+    return modules(cfg)[part].apply({"params": params[part]}, *inputs)
 
 
 def init_params(cfg: ModelConfig, action_dim: int, key: jax.Array) -> Params:
@@ -134,7 +147,7 @@ def encode(params: Params, cfg: ModelConfig, o: jax.Array) -> jax.Array:
     """(..., 64, 64, 3) preprocessed images -> (..., |e|) embeddings."""
     chex.assert_shape(o, (..., 64, 64, 3))
     lead = o.shape[:-3]
-    e = Encoder(cfg.cnn_depth, cfg.fast_conv, cfg.conv_dtype).apply({"params": params["encoder"]}, o.reshape((-1, 64, 64, 3)))
+    e = apply(params, cfg, "encoder", o.reshape((-1, 64, 64, 3)))
     return e.reshape(lead + (cfg.embed_size,))
 
 
@@ -142,15 +155,14 @@ def decode(params: Params, cfg: ModelConfig, feat: jax.Array) -> jax.Array:
     """(..., |h|+|s|) features -> (..., 64, 64, 3) mean images."""
     chex.assert_shape(feat, (..., cfg.feature_size))
     lead = feat.shape[:-1]
-    dec = Decoder(cfg.cnn_depth, cfg.fast_conv, cfg.conv_dtype)
-    o = dec.apply({"params": params["decoder"]}, feat.reshape((-1, cfg.feature_size)))
+    o = apply(params, cfg, "decoder", feat.reshape((-1, cfg.feature_size)))
     return o.reshape(lead + (64, 64, 3))
 
 
 def reward(params: Params, cfg: ModelConfig, feat: jax.Array) -> jax.Array:
     """(..., |h|+|s|) features -> (...) predicted rewards."""
     chex.assert_shape(feat, (..., cfg.feature_size))
-    return RewardModel(cfg.reward_hidden, cfg.reward_layers).apply({"params": params["reward"]}, feat)
+    return apply(params, cfg, "reward", feat)
 
 
 def preprocess(o: jax.Array, key: jax.Array | None, bit_depth: int = 5) -> jax.Array:
@@ -166,6 +178,15 @@ def preprocess(o: jax.Array, key: jax.Array | None, bit_depth: int = 5) -> jax.A
     else:
         noise = jax.random.uniform(key, o.shape, jnp.float32, 0.0, 1.0 / bins)
     return x + noise - 0.5
+
+
+def embed(params: Params, cfg: ModelConfig, o: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    """e_t = enc(o_t) of raw frames: `preprocess` (cfg.bit_depth bits) then `encode`.
+
+    o: uint8 (..., 64, 64, 3); key: for the dequantisation noise, or None for its mean (acting,
+    evaluation, video). Returns float32 (..., |e|). Raises AssertionError on other image shapes.
+    """
+    return encode(params, cfg, preprocess(o, key, cfg.bit_depth))
 
 
 def postprocess(x: jax.Array) -> jax.Array:

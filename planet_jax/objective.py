@@ -28,10 +28,9 @@ from planet_jax.rssm import Gaussian, RSSMState
 
 
 def kl_divergence(q: Gaussian, p: Gaussian) -> jax.Array:
-    """KL[q || p] for diagonal Gaussians, summed over the last axis."""
-    var_ratio = jnp.square(q.std / p.std)
-    mahalanobis = jnp.square((q.mean - p.mean) / p.std)
-    return 0.5 * jnp.sum(var_ratio + mahalanobis - 1.0 - jnp.log(var_ratio), -1)
+    """KL[q || p] in nats, (...) for diagonal Gaussians over s with mean and std (..., |s|): the
+    closed form of distrax's MultivariateNormalDiag."""
+    return q.distribution().kl_divergence(p.distribution())
 
 
 def overshooting_kls(params: networks.Params, cfg: ModelConfig, loss_cfg: LossConfig,

@@ -36,17 +36,25 @@ def shift_plan(mean: jax.Array) -> jax.Array:
     return jnp.concatenate([mean[..., 1:, :], jnp.zeros_like(mean[..., :1, :])], axis=-2)
 
 
-def predicted_return(params: Params, model_cfg: ModelConfig, state: rssm.RSSMState,
-                     actions: jax.Array, key: jax.Array) -> jax.Array:
-    """Sum over the horizon of predicted rewards of imagined rollouts from one belief state.
+def predicted_rewards(params: Params, model_cfg: ModelConfig, state: rssm.RSSMState,
+                      actions: jax.Array, key: jax.Array) -> jax.Array:
+    """Reward predicted at each imagined step of each action sequence, from one belief state.
 
-    state: h (|h|,), s (|s|,); actions (J, H, A); returns (J,). Each candidate's prior samples use
-    their own key.
+    state: h (|h|,), s (|s|,); actions (J, H, A), row t the action into imagined step t + 1;
+    returns float32 (J, H): the reward model's mean at each state of one prior rollout
+    (`rssm.imagine`) per sequence, each sequence's prior samples drawn with its own key.
     """
     keys = jax.random.split(key, actions.shape[0])
     rollout = jax.vmap(rssm.imagine, in_axes=(None, None, None, 0, 0))
     states, _ = rollout(params, model_cfg, state, actions, keys)
-    return networks.reward(params, model_cfg, rssm.features(states)).sum(-1)
+    return networks.reward(params, model_cfg, rssm.features(states))
+
+
+def predicted_return(params: Params, model_cfg: ModelConfig, state: rssm.RSSMState,
+                     actions: jax.Array, key: jax.Array) -> jax.Array:
+    """The planner's objective: `predicted_rewards` summed over the horizon, (J,) for actions
+    (J, H, A) from one belief state (section 3 of the paper)."""
+    return predicted_rewards(params, model_cfg, state, actions, key).sum(-1)
 
 
 def _plan_one(params: Params, state: rssm.RSSMState, key: jax.Array, prev_mean: jax.Array | None,

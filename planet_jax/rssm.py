@@ -16,11 +16,13 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import chex
+import distrax
 import jax
 import jax.numpy as jnp
 
+from planet_jax import networks
 from planet_jax.config import ModelConfig
-from planet_jax.networks import Params, Posterior, Transition
+from planet_jax.networks import Params
 
 
 class RSSMState(NamedTuple):
@@ -30,9 +32,17 @@ class RSSMState(NamedTuple):
 
 
 class Gaussian(NamedTuple):
-    """Diagonal Gaussian over s: mean and std, each (..., |s|)."""
+    """Diagonal Gaussian over s: mean and std, each (..., |s|).
+
+    Kept as arrays so that scans can stack it; `distribution()` is the same Gaussian as a distrax
+    distribution, which does the sampling, the KL and the log-likelihood.
+    """
     mean: jax.Array
     std: jax.Array
+
+    def distribution(self) -> distrax.MultivariateNormalDiag:
+        """distrax.MultivariateNormalDiag(mean, std): batch shape (...), event shape (|s|,)."""
+        return distrax.MultivariateNormalDiag(self.mean, self.std)
 
 
 def initial_state(cfg: ModelConfig, batch_shape: tuple[int, ...] = ()) -> RSSMState:
@@ -52,16 +62,17 @@ def _gaussian(cfg: ModelConfig, raw: jax.Array) -> Gaussian:
 
 
 def sample(cfg: ModelConfig, dist: Gaussian, key: jax.Array) -> jax.Array:
-    """s ~ dist by reparameterisation (the mean for the deterministic 'rnn' variant)."""
+    """s ~ dist, (..., |s|), by reparameterisation: mean + std * N(0, I) noise drawn with `key`
+    (distrax's sample, differentiable in mean and std); the mean for the deterministic 'rnn' variant."""
     if cfg.kind == "rnn":
         return dist.mean
-    return dist.mean + dist.std * jax.random.normal(key, dist.mean.shape, dist.mean.dtype)
+    return dist.distribution().sample(seed=key)
 
 
 def prior(params: Params, cfg: ModelConfig, state_tm1: RSSMState, a_tm1: jax.Array
           ) -> tuple[jax.Array, Gaussian]:
     """h_t = f(h_{t-1}, s_{t-1}, a_{t-1}) and p(s_t | h_t)."""
-    h_t, raw = Transition(cfg).apply({"params": params["transition"]}, state_tm1.h, state_tm1.s, a_tm1)
+    h_t, raw = networks.apply(params, cfg, "transition", state_tm1.h, state_tm1.s, a_tm1)
     return h_t, _gaussian(cfg, raw)
 
 
@@ -77,7 +88,7 @@ def posterior_step(params: Params, cfg: ModelConfig, h_t: jax.Array, e_t: jax.Ar
                    key: jax.Array) -> tuple[RSSMState, Gaussian]:
     """(h_t, s_t ~ q(s_t | h_t, e_t)) and the posterior itself."""
     chex.assert_shape(e_t, (..., cfg.embed_size))
-    q = _gaussian(cfg, Posterior(cfg).apply({"params": params["posterior"]}, h_t, e_t))
+    q = _gaussian(cfg, networks.apply(params, cfg, "posterior", h_t, e_t))
     return RSSMState(h_t, sample(cfg, q, key)), q
 
 

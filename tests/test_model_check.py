@@ -3,11 +3,12 @@ simulator side against the task's known physics, and the CLI on a run folder wit
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from experiments import model_check as model_check_cli
-from planet_jax import checkpoint, config, learner, loop, model_check, planner, rssm
+from planet_jax import checkpoint, config, learner, model_check, networks, planner, rssm, rundir
 
 ENV = "cartpole_balance"
 
@@ -31,16 +32,45 @@ def test_probe_sequences():
     assert np.abs(seqs["random0"]).max() <= 1 and not np.array_equal(seqs["random0"], seqs["random1"])
 
 
-def test_predicted_rewards_equal_the_planners_score_for_a_deterministic_model():
-    """With the deterministic 'rnn' variant every prior rollout is the same, so the per-step
-    predictions summed must equal what the planner scores the same sequences with."""
-    cfg = dataclasses.replace(config.tiny().model, kind="rnn")
-    params = learner.init_train_state(dataclasses.replace(config.tiny(), model=cfg), 2,
-                                      jax.random.PRNGKey(0)).params
+def _model(kind):
+    """What imagination reads (transition and reward model; the conv networks would only cost
+    time to initialise) and a random belief state."""
+    cfg = dataclasses.replace(config.tiny().model, kind=kind)
+    mods, k_transition, k_reward = networks.modules(cfg), *jax.random.split(jax.random.PRNGKey(0))
+    h, s, a = jnp.zeros(cfg.h_size), jnp.zeros(cfg.s_size), jnp.zeros(2)
+    params = {"transition": mods["transition"].init(k_transition, h, s, a)["params"],
+              "reward": mods["reward"].init(k_reward, jnp.zeros(cfg.feature_size))["params"]}
     state = rssm.RSSMState(jax.random.normal(jax.random.PRNGKey(1), (cfg.h_size,)),
                            jax.random.normal(jax.random.PRNGKey(2), (cfg.s_size,)))
+    return cfg, params, state
+
+
+def test_expected_rewards_average_prior_rollouts_stepped_by_hand():
+    """Each of the samples replayed as a plain loop of transition steps with the documented keys."""
+    cfg, params, state = _model("rssm")
+    N, H, samples = 2, 3, 3
+    actions = jax.random.uniform(jax.random.PRNGKey(3), (N, H, 2), minval=-1, maxval=1)
+    key = jax.random.PRNGKey(4)
+    got = np.asarray(model_check.expected_rewards(params, cfg, state, actions, key, samples))
+    assert got.shape == (N, H)
+    want = np.zeros((N, H))
+    for k_sample in jax.random.split(key, samples):
+        for n, k_seq in enumerate(jax.random.split(k_sample, N)):
+            s = state
+            for t, k_t in enumerate(jax.random.split(k_seq, H)):
+                s, _ = rssm.transition_step(params, cfg, s, actions[n, t], k_t)
+                want[n, t] += float(networks.reward(params, cfg, rssm.features(s))) / samples
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    one = np.asarray(model_check.expected_rewards(params, cfg, state, actions, key, 1))
+    assert not np.allclose(got, one)  # the prior's noise matters, so the average is not one rollout
+
+
+def test_expected_rewards_equal_the_planners_score_for_a_deterministic_model():
+    """With the deterministic 'rnn' variant every prior rollout is the same, so the per-step
+    predictions summed must equal what the planner scores the same sequences with."""
+    cfg, params, state = _model("rnn")
     actions = jax.random.uniform(jax.random.PRNGKey(3), (6, 4, 2), minval=-1, maxval=1)
-    per_step = model_check.predicted_rewards(params, cfg, state, actions, jax.random.PRNGKey(4), 3)
+    per_step = model_check.expected_rewards(params, cfg, state, actions, jax.random.PRNGKey(4), 3)
     assert per_step.shape == (6, 4)
     scored = planner.predicted_return(params, cfg, state, actions, jax.random.PRNGKey(5))
     np.testing.assert_allclose(np.asarray(per_step).sum(1), np.asarray(scored), rtol=1e-5, atol=1e-5)
@@ -61,7 +91,7 @@ def test_true_rewards_follow_the_balance_physics():
 def _run_with_checkpoint(logdir):
     """A run folder whose checkpoint holds freshly initialised parameters (no training)."""
     cfg = config.tiny()
-    loop.prepare_logdir(logdir, cfg, ENV, 0)
+    rundir.prepare(logdir, cfg, ENV, 0)
     state = learner.init_train_state(cfg, 1, jax.random.PRNGKey(0))
     ckpt = checkpoint.Checkpointer(logdir / "checkpoints")
     ckpt.save(1, {"train": state, "key": jax.random.PRNGKey(1)}, {"updates": 0, "wall_time": 0.0})

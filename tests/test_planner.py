@@ -184,16 +184,20 @@ def test_warm_start_sets_the_initial_mean(cfg, params, warm_start):
     np.testing.assert_array_equal(cold, jnp.zeros_like(prev))
 
 
-def test_predicted_return_sums_rewards_of_each_candidates_rollout(cfg, params):
+def test_predicted_rewards_and_return_step_by_step(cfg, params):
+    """Per step and summed, against each candidate stepped by hand with imagine's keys."""
     J, H = 4, 3
     state = random_states(cfg, jax.random.PRNGKey(3))
     actions = jax.random.uniform(jax.random.PRNGKey(4), (J, H, ACTION_DIM), minval=-1)
     key = jax.random.PRNGKey(5)
+    rewards = planner.predicted_rewards(params, cfg, state, actions, key)
     returns = planner.predicted_return(params, cfg, state, actions, key)
-    assert returns.shape == (J,)
+    assert rewards.shape == (J, H) and returns.shape == (J,)
     for j, k in enumerate(jax.random.split(key, J)):  # each candidate, step by step, imagine's keys
         total, s = 0.0, state
         for t, k_t in enumerate(jax.random.split(k, H)):
             s, _ = rssm.transition_step(params, cfg, s, actions[j, t], k_t)
-            total += networks.reward(params, cfg, rssm.features(s))
+            r_t = networks.reward(params, cfg, rssm.features(s))
+            np.testing.assert_allclose(rewards[j, t], r_t, rtol=1e-5, atol=1e-5)
+            total += r_t
         np.testing.assert_allclose(returns[j], total, rtol=1e-5, atol=1e-5)

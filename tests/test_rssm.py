@@ -96,3 +96,29 @@ def test_preprocess_five_bits():
     x_mean = np.asarray(networks.preprocess(jnp.asarray(o), None, 5))
     np.testing.assert_allclose(x_mean, expected_bin + 1 / 64, atol=1e-6)
     assert np.array_equal(np.asarray(networks.postprocess(jnp.asarray(x_mean))) // 8, o // 8)
+
+
+def test_gaussian_sample_and_log_likelihood_equal_the_closed_forms():
+    """The distrax form of the diagonal Gaussian: the sample is mean + std * N(0, I) noise from the
+    same key (the reparameterisation the model used before distrax), and the log-likelihood is
+    -sum_i [(x_i - mu_i)^2 / (2 sigma_i^2) + log sigma_i + log(2 pi) / 2]."""
+    cfg = tiny_model()
+    k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(0), 4)
+    mean = jax.random.normal(k1, (3, 5, cfg.s_size))
+    std = jax.nn.softplus(jax.random.normal(k2, (3, 5, cfg.s_size))) + cfg.min_std
+    dist = rssm.Gaussian(mean, std)
+    s = rssm.sample(cfg, dist, k3)
+    np.testing.assert_allclose(s, mean + std * jax.random.normal(k3, mean.shape), rtol=1e-6, atol=1e-6)
+    # Reparameterised: ds/dmean = 1 and ds/dstd = the noise.
+    noise = (np.asarray(s) - np.asarray(mean)) / np.asarray(std)
+    g_mean, g_std = jax.grad(lambda m, sd: jnp.sum(rssm.sample(cfg, rssm.Gaussian(m, sd), k3)),
+                             argnums=(0, 1))(mean, std)
+    np.testing.assert_allclose(g_mean, np.ones(mean.shape), rtol=1e-6)
+    np.testing.assert_allclose(g_std, noise, rtol=1e-4, atol=1e-5)
+
+    x = np.asarray(jax.random.normal(k4, mean.shape), np.float64)
+    m64, sd64 = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+    want = -np.sum((x - m64) ** 2 / (2 * sd64 ** 2) + np.log(sd64) + 0.5 * np.log(2 * np.pi), -1)
+    got = dist.distribution().log_prob(jnp.asarray(x, jnp.float32))
+    assert got.shape == (3, 5)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
