@@ -41,7 +41,7 @@ def test_train_resume_stop_and_evaluate(tmp_path):
     records = _records(logdir)
     assert [r["episode"] for r in records] == [1, 2, 3]
     assert records[-1]["updates"] == 5 and "test_return" in records[-1] and "image_loss" in records[-1]
-    assert records[-1]["env_steps"] == 3 * 13 * 8
+    assert records[-1]["env_steps"] == 3 * 100  # simulator steps: 13 agent steps of R = 8, the last cut to 4
     assert max(int(p.name) for p in (logdir / "checkpoints").iterdir()) == 3
     assert len(list((logdir / "episodes").glob("episode_*.npz"))) == 3
     assert (logdir / "videos" / "test_000003.mp4").stat().st_size > 0
@@ -106,6 +106,10 @@ def _usage_error(main, argv, capsys):
     (["--env", ENV, "--set", "model.nope=1"], "unknown field 'nope'"),
     (["--env", ENV, "--set", "train.batch_size=many"], "bad value for train.batch_size"),
     (["--env", ENV, "--episodes", "many"], "invalid int value"),
+    (["--env", ENV, "--set", "loss.free_nats=nan"], "expected a finite number, got 'nan'"),
+    (["--env", ENV, "--set", "optim.lr=inf"], "expected a finite number"),
+    (["--env", ENV, "--set", "optim.lr=fast"], "bad value for optim.lr"),
+    (["--env", ENV, "--action-repeat", "-1"], "action_repeat"),
 ])
 def test_train_usage_errors(tmp_path, capsys, argv, message):
     err = _usage_error(train_cli.main, argv + ["--preset", "tiny", "--logdir", str(tmp_path / "r")], capsys)
@@ -118,6 +122,23 @@ def test_unwritable_logdir(tmp_path, capsys):
     err = _usage_error(train_cli.main, ["--env", ENV, "--preset", "tiny", "--logdir", str(blocker / "run")],
                        capsys)
     assert "cannot write to logdir" in err
+
+
+def test_logdir_that_is_a_file(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    err = _usage_error(train_cli.main, ["--env", ENV, "--preset", "tiny", "--logdir", str(blocker)], capsys)
+    assert "is a file, not a folder" in err
+    assert blocker.read_text() == "not a folder"
+
+
+def test_batch_that_does_not_divide_over_the_devices():
+    cmd, env = _cli("experiments.train", "--env", ENV, "--preset", "tiny", "--set", "train.batch_size=3",
+                    "--logdir", "/nonexistent/never_written")
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "batch_size" in result.stderr, result.stderr
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, capsys):

@@ -1,4 +1,5 @@
 """Gymnasium tasks through planet_jax.envs (`gym:<id>`), against plain Gymnasium environments."""
+import json
 import sys
 
 import numpy as np
@@ -130,3 +131,21 @@ def test_mujoco_task_renders_headless_at_64_and_terminates():
     plain.close()
     assert len(steps) == count < 1000
     assert steps[-1].terminated and not steps[-1].truncated
+
+
+def test_pendulum_trains_resumes_and_evaluates_through_the_cli(tmp_path, capsys):
+    """gym:Pendulum-v1 with the tiny preset through the real command line: train 3 episodes (2 seed
+    episodes and one trained round), resume to 4, evaluate."""
+    gymnasium()
+    from experiments import evaluate as evaluate_cli
+    logdir = tmp_path / "run"
+    base = ["--env", PENDULUM, "--preset", "tiny", "--logdir", str(logdir), "--no-progress"]
+    assert train_cli.main(base + ["--episodes", "3"]) == 0
+    assert train_cli.main(base + ["--episodes", "4"]) == 0
+    records = [json.loads(line) for line in (logdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["episode"] for r in records] == [1, 2, 3, 4] and records[-1]["updates"] == 10
+    assert records[-1]["env_steps"] == 4 * 100  # tiny: 100 of Pendulum's 200 steps, R = 2
+    assert len(list((logdir / "episodes").glob("episode_*_51.npz"))) == 4
+    assert evaluate_cli.main(["--logdir", str(logdir), "--episodes", "1"]) == 0
+    assert "return over 1 episodes" in capsys.readouterr().out
+    assert (logdir / "videos" / "eval_000.mp4").stat().st_size > 0
