@@ -109,7 +109,8 @@ def image_group(cfg: ModelConfig, batch: int, length: int, tuner: autotune.Tuner
     if cfg.image_group > 0:
         return cfg.image_group
     cpu = jax.default_backend() == "cpu"
-    default = min(CPU_IMAGE_GROUP, batch) if cpu else batch
+    # The default must divide the batch like every candidate: the largest such group up to CPU_IMAGE_GROUP.
+    default = max(g for g in range(1, min(CPU_IMAGE_GROUP, batch) + 1) if batch % g == 0) if cpu else batch
     sizes = [g for g in range(1, batch + 1) if batch % g == 0
              and (not cpu or g * length <= MAX_CPU_SEARCH_IMAGES or g == default)]
     candidates = {str(g): functools.partial(_timed_images, cfg, g * length) for g in sizes}
