@@ -89,9 +89,9 @@ class Progress:
     def __init__(self, total: int, done: int, seed_episodes: int, enabled: bool = True):
         from tqdm import tqdm  # the bars only; imported here to keep logger's import light
         self._tqdm, self._enabled = tqdm, enabled
-        self._total, self._seed_episodes = total, seed_episodes
+        self._total = total
         self._episodes = self._bar(total=total, initial=min(done, total), unit="ep", position=0)
-        self._trained_from = done if done >= seed_episodes else None
+        self._clock_from_trained = done >= seed_episodes
         self._updates = None
 
     def _bar(self, **kwargs):
@@ -101,11 +101,11 @@ class Progress:
         """A round of `count` updates begins (`compiling`: its first update compiles the train step).
         The first round restarts the episode bar's clock, so that its estimate of the time left
         comes from trained rounds alone."""
-        if self._trained_from is None:
+        if not self._clock_from_trained:
             done = self._episodes.n
             self._episodes.close()
             self._episodes = self._bar(total=self._total, initial=done, unit="ep", position=0)
-            self._trained_from = done
+            self._clock_from_trained = True
         if self._updates is not None:
             self._updates.close()
         desc = "compiling the train step, then training" if compiling else "training"
