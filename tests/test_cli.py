@@ -16,15 +16,13 @@ from experiments import train as train_cli
 ENV = "cartpole_swingup"  # tiny preset: 100 environment steps at repeat 8 -> 14-frame episodes
 
 
-def _cli(module, *args, cache=None):
-    env = dict(os.environ, MUJOCO_GL="egl")
-    if cache:
-        env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
+def _cli(module, *args):
+    env = dict(os.environ, MUJOCO_GL="egl")  # with conftest.py's compilation cache for the session
     return [sys.executable, "-m", module, *args], env
 
 
-def _run(module, *args, cache=None, timeout=300):
-    cmd, env = _cli(module, *args, cache=cache)
+def _run(module, *args, timeout=300):
+    cmd, env = _cli(module, *args)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -33,10 +31,10 @@ def _records(logdir):
 
 
 def test_train_resume_stop_and_evaluate(tmp_path):
-    logdir, cache = tmp_path / "run", tmp_path / "jax_cache"
+    logdir = tmp_path / "run"
     base = ("--env", ENV, "--preset", "tiny", "--logdir", str(logdir), "--no-progress")
 
-    first = _run("experiments.train", *base, "--episodes", "3", cache=cache)
+    first = _run("experiments.train", *base, "--episodes", "3")
     assert first.returncode == 0, first.stderr
     records = _records(logdir)
     assert [r["episode"] for r in records] == [1, 2, 3]
@@ -51,7 +49,7 @@ def test_train_resume_stop_and_evaluate(tmp_path):
     # A corrupt episode file is skipped with a one-line warning; the run goes on.
     (logdir / "episodes" / "episode_000050_14.npz").write_bytes(b"PK\x03\x04 truncated")
     # Stopped by SIGTERM in the middle of the second invocation: it saves and exits cleanly.
-    cmd, env = _cli("experiments.train", *base, "--episodes", "8", cache=cache)
+    cmd, env = _cli("experiments.train", *base, "--episodes", "8")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while len(_records(logdir)) < 4 and time.time() < deadline and proc.poll() is None:
@@ -65,13 +63,13 @@ def test_train_resume_stop_and_evaluate(tmp_path):
     assert 4 <= stopped_at < 8
     assert str(stopped_at) in {p.name for p in (logdir / "checkpoints").iterdir()}
 
-    third = _run("experiments.train", *base, "--episodes", str(stopped_at + 1), cache=cache)
+    third = _run("experiments.train", *base, "--episodes", str(stopped_at + 1))
     assert third.returncode == 0, third.stderr
     records = _records(logdir)
     assert [r["episode"] for r in records] == list(range(1, stopped_at + 2))
     assert records[-1]["updates"] > records[stopped_at - 1]["updates"]
 
-    result = _run("experiments.evaluate", "--logdir", str(logdir), "--episodes", "2", cache=cache)
+    result = _run("experiments.evaluate", "--logdir", str(logdir), "--episodes", "2")
     assert result.returncode == 0, result.stderr
     assert "mean" in result.stdout and (logdir / "videos" / "eval_001.mp4").exists()
 
@@ -80,7 +78,7 @@ def test_train_resume_stop_and_evaluate(tmp_path):
         if f.is_file() and f.stat().st_size > 0 and "meta" not in str(f):
             f.write_bytes(b"\0")
     before = sorted(p.name for p in (logdir / "episodes").iterdir())
-    broken = _run("experiments.train", *base, "--episodes", "20", cache=cache)
+    broken = _run("experiments.train", *base, "--episodes", "20")
     assert broken.returncode == 2 and "Traceback" not in broken.stderr
     *warnings, error = broken.stderr.strip().splitlines()
     assert all(line.startswith("warning: skipping corrupt episode") for line in warnings), warnings
@@ -135,7 +133,7 @@ def test_logdir_that_is_a_file(tmp_path, capsys):
 def test_batch_that_does_not_divide_over_the_devices():
     cmd, env = _cli("experiments.train", "--env", ENV, "--preset", "tiny", "--set", "train.batch_size=3",
                     "--logdir", "/nonexistent/never_written")
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "batch_size" in result.stderr, result.stderr

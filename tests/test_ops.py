@@ -45,8 +45,8 @@ def _check_against_references(fast_fn, naive_fn, flax_fn, x_shape, k, c_out, see
 
     cotangent = jax.random.normal(kg, fast.shape)
     loss = lambda fn: lambda *args: jnp.sum(fn(*args) * cotangent)
-    grads_fast = jax.grad(loss(fast_fn), (0, 1, 2))(x, kernel, bias)
-    grads_flax = jax.grad(loss(flax_fn), (0, 1, 2))(x, kernel, bias)
+    grads_fast = jax.jit(jax.grad(loss(fast_fn), (0, 1, 2)))(x, kernel, bias)
+    grads_flax = jax.jit(jax.grad(loss(flax_fn), (0, 1, 2)))(x, kernel, bias)
     for g_fast, g_flax in zip(grads_fast, grads_flax):
         np.testing.assert_allclose(g_fast, g_flax, atol=1e-3, rtol=1e-4)
 
@@ -147,7 +147,7 @@ def test_bfloat16_operands_within_tolerance_of_float64(op, naive, shape, k, c_ou
 
     # Gradients against the float32 op's, which equal flax's to 1e-4 (tests above).
     cotangent = jax.random.normal(kg, y16.shape)
-    grads = [jax.grad(lambda x, w: jnp.sum(op(x, w, bias, dtype=dt) * cotangent), (0, 1))(x, kernel)
+    grads = [jax.jit(jax.grad(lambda x, w: jnp.sum(op(x, w, bias, dtype=dt) * cotangent), (0, 1)))(x, kernel)
              for dt in ("bfloat16", "float32")]
     for g16, g32 in zip(*grads):
         assert g16.dtype == jnp.float32

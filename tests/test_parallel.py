@@ -74,7 +74,8 @@ print(json.dumps(out))
 
 
 def _run(args, timeout=300):
-    env = dict(os.environ, XLA_FLAGS=FOUR_DEVICES, MUJOCO_GL="egl")
+    flags = f"{os.environ.get('XLA_FLAGS', '')} {FOUR_DEVICES}"
+    env = dict(os.environ, XLA_FLAGS=flags, MUJOCO_GL="egl")
     return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
