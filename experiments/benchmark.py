@@ -279,6 +279,35 @@ def _subprocess_json(cmd: list[str], env: dict) -> dict:
     return json.loads(lines[-1])
 
 
+def speed_table(records: list[dict], command: str) -> str:
+    """The README's speed table (markdown) from one invocation's JSON lines: the machine line (CPU
+    model, cores, versions), the matmul ceiling, and per measurement the medians of planet_jax and
+    of the reference (median over rounds), their ratio and peak resident memory."""
+    head = records[0]
+    by_name: dict[str, dict[str, list[dict]]] = {}
+    for r in records[1:]:
+        if "median_s" in r:
+            side = "jax" if r.get("impl") == "planet_jax" else "torch"
+            by_name.setdefault(r["measurement"], {"jax": [], "torch": []})[side].append(r)
+    ceiling = by_name.pop("matmul_peak", {}).get("jax")
+    lines = [f"Measured on {head['machine']} ({head['cpus']} cores), jax {head['jax']}, "
+             f"PyTorch {head.get('torch', 'not installed')}"
+             + (f", float32 matmul ceiling {ceiling[0]['gflops_per_s']} GFLOP/s" if ceiling else "")
+             + f"; `{command}`:", "",
+             "| measurement | planet_jax | PyTorch | ratio | peak memory (jax / torch) |",
+             "|---|---|---|---|---|"]
+    median = statistics.median
+    for name, sides in by_name.items():
+        jax_s = median([r["median_s"] for r in sides["jax"]]) if sides["jax"] else None
+        ref_s = median([r["median_s"] for r in sides["torch"]]) if sides["torch"] else None
+        cell = lambda x, unit: f"{x:.3g} {unit}" if x is not None else "-"
+        ratio = f"{jax_s / ref_s:.2f}" if jax_s and ref_s else "-"
+        rss = lambda rs: f"{max(r['max_rss_mb'] for r in rs) / 1024:.1f}" if rs else "-"
+        lines.append(f"| {name} | {cell(jax_s, 's')} | {cell(ref_s, 's')} | {ratio} | "
+                     f"{rss(sides['jax'])} / {rss(sides['torch'])} GB |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.benchmark", description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="+", choices=sorted(MEASUREMENTS) + sorted(GROUPS),
@@ -295,6 +324,8 @@ def main(argv=None) -> int:
                         help="with --compare-torch: alternate this many times per measurement")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="add the N most expensive operations of one more profiled call (top_ops)")
+    parser.add_argument("--table", action="store_true",
+                        help="end with the README's speed table (markdown) made from this invocation's lines")
     parser.add_argument("--worker", choices=sorted(MEASUREMENTS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.iters < 1 or args.warmup < 0 or args.rounds < 1 or args.profile < 0:
@@ -310,7 +341,8 @@ def main(argv=None) -> int:
         if not args.torch_reference.exists():
             parser.exit(2, f"{parser.prog}: error: {args.torch_reference} not found\n")
     env = dict(os.environ)
-    print(json.dumps(machine()), flush=True)
+    records = [machine()]
+    print(json.dumps(records[0]), flush=True)
     names = list(dict.fromkeys(n for item in args.only for n in GROUPS.get(item, [item])))
     for name in names:
         ours_cmd = [sys.executable, "-m", "experiments.benchmark", "--worker", name,
@@ -319,6 +351,7 @@ def main(argv=None) -> int:
         compare = args.compare_torch and torch_args is not None
         for _ in range(args.rounds if compare else 1):
             ours = _subprocess_json(ours_cmd, env)
+            records.append(ours)
             print(json.dumps(ours), flush=True)
             if not compare:
                 continue
@@ -327,11 +360,14 @@ def main(argv=None) -> int:
             ref = _subprocess_json(ref_cmd, {**env, "THP_MEM_ALLOC_ENABLE": "1"})
             ref["measurement"] = name
             ref["load_1m"] = round(os.getloadavg()[0], 2)
+            records.append(ref)
             print(json.dumps(ref), flush=True)
             if "median_s" in ours and "median_s" in ref:
                 print(json.dumps({"ratio": name, "time_jax_over_torch": round(ours["median_s"] / ref["median_s"], 3),
                                   "rss_jax_over_torch": round(ours["max_rss_mb"] / ref["max_rss_mb"], 3)}),
                       flush=True)
+    if args.table:
+        print("\n" + speed_table(records, "python -m experiments.benchmark " + " ".join(argv or sys.argv[1:])))
     return 0
 
 

@@ -52,3 +52,24 @@ def test_machine_line_names_the_cpu_and_versions():
     line = benchmark.machine()
     assert line["machine"] and line["cpus"] >= 1 and len(line["load_avg"]) == 3
     assert line["jax"] == jax.__version__
+
+
+def test_speed_table_takes_medians_over_rounds_and_names_the_machine():
+    records = [
+        {"machine": "AMD EPYC", "cpus": 2, "jax": "0.10.2", "torch": "2.13.0+cpu"},
+        {"impl": "planet_jax", "measurement": "matmul_peak", "median_s": 0.1, "gflops_per_s": 84.4, "max_rss_mb": 1000},
+        {"impl": "planet_jax", "measurement": "cpu_train", "median_s": 1.0, "max_rss_mb": 2048},
+        {"impl": "torch-reference", "mode": "train", "measurement": "cpu_train", "median_s": 2.0, "max_rss_mb": 1024},
+        {"impl": "planet_jax", "measurement": "cpu_train", "median_s": 3.0, "max_rss_mb": 1024},
+        {"impl": "torch-reference", "mode": "train", "measurement": "cpu_train", "median_s": 4.0, "max_rss_mb": 512},
+        {"ratio": "cpu_train", "time_jax_over_torch": 0.5},
+        {"impl": "planet_jax", "measurement": "tiny_plan_1", "median_s": 0.25, "max_rss_mb": 512},
+    ]
+    table = benchmark.speed_table(records, "python -m experiments.benchmark --only cpu")
+    lines = table.splitlines()
+    assert "AMD EPYC (2 cores)" in lines[0] and "84.4 GFLOP/s" in lines[0]
+    assert "`python -m experiments.benchmark --only cpu`" in lines[0]
+    # medians over the two rounds: jax (1 + 3) / 2 = 2 s, torch (2 + 4) / 2 = 3 s
+    assert lines[4] == "| cpu_train | 2 s | 3 s | 0.67 | 2.0 / 1.0 GB |"
+    assert lines[5] == "| tiny_plan_1 | 0.25 s | - | - | 0.5 / - GB |"
+    assert len(lines) == 6
