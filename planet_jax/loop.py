@@ -385,9 +385,9 @@ def train(cfg: config.Config, env: str | Callable, logdir: str | Path, seed: int
 def announce_cpu_cost(cfg: config.Config) -> None:
     """One line at start-up when the paper's network sizes are about to train on a CPU."""
     if jax.default_backend() == "cpu" and cfg.model.cnn_depth >= config.ModelConfig().cnn_depth:
-        print("note: the paper's sizes on a CPU take seconds per update, so hours per episode at "
-              f"C = {cfg.train.collect_interval}; --preset cpu is a learning run sized for a CPU "
-              "(docs/performance.md)", file=sys.stderr)
+        print("note: the paper's sizes on a CPU take seconds per update, so tens of minutes per "
+              f"episode at C = {cfg.train.collect_interval}; --preset cpu is a learning run sized for a "
+              "CPU (docs/performance.md)", file=sys.stderr)
 
 
 def load_params(logdir: str | Path, action_dim: int):
