@@ -63,11 +63,8 @@ def test_train_resume_stop_and_evaluate(tmp_path):
     assert 4 <= stopped_at < 8
     assert str(stopped_at) in {p.name for p in (logdir / "checkpoints").iterdir()}
 
-    third = _run("experiments.train", *base, "--episodes", str(stopped_at + 1))
-    assert third.returncode == 0, third.stderr
-    records = _records(logdir)
-    assert [r["episode"] for r in records] == list(range(1, stopped_at + 2))
-    assert records[-1]["updates"] > records[stopped_at - 1]["updates"]
+    # Resuming after a stop is tested through the CLI in test_gym.py (after a finished run) and
+    # test_reliability.py (after kill -9), and round for round in test_loop.py.
 
     result = _run("experiments.evaluate", "--logdir", str(logdir), "--episodes", "2")
     assert result.returncode == 0, result.stderr
