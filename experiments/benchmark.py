@@ -296,15 +296,14 @@ def speed_table(records: list[dict], command: str) -> str:
              + f"; `{command}`:", "",
              "| measurement | planet_jax | PyTorch | ratio | peak memory (jax / torch) |",
              "|---|---|---|---|---|"]
-    median = statistics.median
+    seconds = lambda rs: statistics.median(r["median_s"] for r in rs) if rs else None
+    gigabytes = lambda rs: f"{max(r['max_rss_mb'] for r in rs) / 1024:.1f}" if rs else "-"
     for name, sides in by_name.items():
-        jax_s = median([r["median_s"] for r in sides["jax"]]) if sides["jax"] else None
-        ref_s = median([r["median_s"] for r in sides["torch"]]) if sides["torch"] else None
-        cell = lambda x, unit: f"{x:.3g} {unit}" if x is not None else "-"
+        jax_s, ref_s = seconds(sides["jax"]), seconds(sides["torch"])
+        cells = [f"{x:.3g} s" if x is not None else "-" for x in (jax_s, ref_s)]
         ratio = f"{jax_s / ref_s:.2f}" if jax_s and ref_s else "-"
-        rss = lambda rs: f"{max(r['max_rss_mb'] for r in rs) / 1024:.1f}" if rs else "-"
-        lines.append(f"| {name} | {cell(jax_s, 's')} | {cell(ref_s, 's')} | {ratio} | "
-                     f"{rss(sides['jax'])} / {rss(sides['torch'])} GB |")
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {ratio} | "
+                     f"{gigabytes(sides['jax'])} / {gigabytes(sides['torch'])} GB |")
     return "\n".join(lines)
 
 
