@@ -122,8 +122,8 @@ class Tuner:
                calls: Mapping[str, float] | None = None) -> str:
         """The candidate to use for `op` at shape `key` (a string naming the shapes and settings).
 
-        pin: 'auto' (the cached choice, else measure, cache and return the fastest), 'default'
-        (`default` without measuring), or a candidate's name (returned as is). `default` is also
+        pin: 'auto' (the cached choice if every candidate was timed for it, else measure, cache and
+        return the fastest), 'default' (`default` without measuring), or a candidate's name (returned as is). `default` is also
         taken when searching is off or `gflop` (work per call) is below MIN_SEARCH_GFLOP. calls:
         how many calls of each candidate the op needs (default 1); the least total time wins.
         Raises ValueError naming the choices for a pin or default that is not a candidate.
@@ -139,7 +139,9 @@ class Tuner:
         if not self.search or (gflop is not None and gflop < MIN_SEARCH_GFLOP):
             return default
         entry = self._read().get(self.machine, {}).get(op, {}).get(key)
-        if isinstance(entry, dict) and entry.get("choice") in names:
+        # A choice made before a candidate existed (one missing from its timings) is measured again.
+        if (isinstance(entry, dict) and entry.get("choice") in names
+                and set(names) <= set(entry.get("seconds") or ())):
             return entry["choice"]
         with concurrent.futures.ThreadPoolExecutor(1) as pool:  # outside any jax trace
             seconds = pool.submit(lambda: {n: float(self.timer(n, candidates[n])) for n in names}).result()

@@ -15,7 +15,7 @@ MODEL_KINDS = ("rssm", "ssm", "rnn")
 CONV_DTYPES = ("float32", "bfloat16")
 # Formulations of a stride-2 conv layer (planet_jax.ops, where each is described) and of the
 # planner's batch over environments (planet_jax.planner); all compute the same function.
-CONV_IMPLS = ("mixed", "xla", "conv", "im2col", "taps")
+CONV_IMPLS = ("mixed", "xla", "conv", "im2col", "taps", "outer")
 PLAN_BATCHING = ("map", "vmap")
 _CHOICE_WORDS = ("auto", "default")
 

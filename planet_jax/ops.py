@@ -14,10 +14,11 @@ ordinary stride-1 convolutions, matmuls and pads/reshapes only, in both passes:
               mostly multiply padding (tiny inputs), one matmul x @ S followed by an overlap-add;
     d/dx      one stride-1 VALID conv of space-to-depth(dy) with the phase kernels;
     d/dkernel A^2 matmuls x^T @ shifted windows of space-to-depth(dy), taps past k skipped.
-The stride-1 convolutions above are themselves matmuls (`_conv_s1`): either the shifted windows
-side by side in channels and one matmul (when the input has fewer channels than the output), or one
-matmul per tap, summed (otherwise), whichever moves less memory, or XLA's stride-1 conv for narrow
-layers. Which of these formulations (config.CONV_IMPLS, XLA's own strided op among them) each
+The stride-1 convolutions above are themselves matmuls (`_conv_s1`): the shifted windows side by
+side in channels and one matmul; one matmul per tap, summed; one matmul of the unshifted input with
+all taps side by side, whose per-tap outputs are then shifted and summed; or XLA's stride-1 conv for
+narrow layers. The first copies a * b input windows, the second slices them for its matmuls, the
+third copies a * b outputs instead, so which is fastest depends on the channels in and out. Which of these formulations (config.CONV_IMPLS, XLA's own strided op among them) each
 layer uses is measured once per machine and shape (`layer_impl`, planet_jax.autotune), since the
 fastest differs between CPUs and between CPUs and accelerators. Everything is pure jnp/lax, so it
 also runs (and differentiates) on GPU/TPU.
@@ -71,6 +72,8 @@ _MAX_CONV_CHANNELS = 256
 #   conv    the stride-1 reformulation below, its correlations by XLA's stride-1 conv (float32);
 #   im2col  the reformulation, each correlation as one matmul of the shifted windows side by side;
 #   taps    the reformulation, each correlation as one matmul per kernel tap, summed;
+#   outer   the reformulation, each correlation as one matmul of the input with every tap's weights
+#           side by side, then the taps' outputs shifted into place and summed (one fused loop);
 #   mixed   the reformulation, per correlation: conv when narrow (_MAX_CONV_CHANNELS), otherwise
 #           im2col or taps, whichever copies the narrower of input and output.
 # 'mixed' is the default when nothing is measured; `layer_impl` measures (planet_jax.autotune).
@@ -117,10 +120,11 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 def _conv_s1(x: jax.Array, w: jax.Array, dtype: str, impl: str) -> jax.Array:
     """Stride-1 VALID correlation of x (B, H, W, C) with w (a, b, C, N), formulated as `impl` says
     (see CONV_IMPLS): XLA's conv ('conv', float32 whatever `dtype`), the a * b shifted windows
-    concatenated along channels and one matmul ('im2col'), or one matmul per tap and a sum
-    ('taps'); 'mixed' takes 'conv' for narrow layers (C * N up to _MAX_CONV_CHANNELS) and otherwise
-    the matmul form that copies the narrower of input and output. Differentiable, with `dtype`
-    operands in the backward matmuls too.
+    concatenated along channels and one matmul ('im2col'), one matmul per tap and a sum ('taps'),
+    or one matmul x @ (C, a * b * N) over every input pixel and a sum of the a * b shifted outputs
+    ('outer'); 'mixed' takes 'conv' for narrow layers (C * N up to _MAX_CONV_CHANNELS) and otherwise
+    'im2col' or 'taps' by the narrower of input and output. Differentiable, with `dtype` operands in
+    the backward matmuls too.
     """
     a, b, c, n = w.shape
     if impl == "mixed":
@@ -128,6 +132,11 @@ def _conv_s1(x: jax.Array, w: jax.Array, dtype: str, impl: str) -> jax.Array:
     if impl == "conv":
         return _narrow_conv_s1(x, w)
     mm = jnp.dot if dtype == "float32" else functools.partial(_matmul, dtype=dtype)
+    if impl == "outer":
+        ho, wo = x.shape[1] - a + 1, x.shape[2] - b + 1
+        y = mm(x, w.transpose(2, 0, 1, 3).reshape(c, a * b * n)).reshape(x.shape[:3] + (a * b, n))
+        # y[:, m + i, n + j, tap (i, j)] is tap (i, j)'s contribution to output (m, n).
+        return sum(y[:, i:i + ho, j:j + wo, i * b + j] for i in range(a) for j in range(b))
     windows = _windows(x, a, b)
     if impl == "im2col":
         return mm(jnp.concatenate(windows, -1), w.reshape(a * b * c, n))

@@ -49,6 +49,16 @@ def test_measures_once_writes_the_cache_and_reads_it_back(tmp_path):
     assert autotune.choices(tuner(tmp_path, never_timed))["op"].keys() == {"shape 1", "shape 2"}
 
 
+def test_a_choice_cached_before_a_candidate_existed_is_measured_again(tmp_path):
+    two = {"a": CANDIDATES["a"], "b": CANDIDATES["b"]}
+    assert tuner(tmp_path, FakeTimer({"a": 2.0, "b": 1.0})).choose("op", "s", two, "a") == "b"
+    assert tuner(tmp_path, never_timed).choose("op", "s", two, "a") == "b"
+    timer = FakeTimer({"a": 2.0, "b": 1.0, "c": 0.5})
+    assert tuner(tmp_path, timer).choose("op", "s", CANDIDATES, "a") == "c"
+    assert timer.timed == ["a", "b", "c"]
+    assert tuner(tmp_path, never_timed).choose("op", "s", CANDIDATES, "a") == "c"
+
+
 def test_ties_go_to_the_default_and_calls_weigh_the_times(tmp_path):
     timer = FakeTimer({"a": 1.0, "b": 1.0, "c": 1.0})
     assert tuner(tmp_path, timer).choose("op", "tie", CANDIDATES, "c") == "c"
@@ -122,7 +132,7 @@ def test_measuring_while_jax_traces_runs_the_candidates_for_real(tmp_path):
 
 
 def test_conv_layers_take_the_measured_or_pinned_formulation(tmp_path):
-    t = tuner(tmp_path, FakeTimer({"mixed": 3.0, "xla": 4.0, "conv": 2.0, "im2col": 1.0, "taps": 5.0}))
+    t = tuner(tmp_path, FakeTimer({"mixed": 3.0, "xla": 4.0, "conv": 2.0, "im2col": 1.0, "taps": 5.0, "outer": 6.0}))
     args = (ops.conv_s2, "conv1", (64, 31, 31, 16), (4, 4, 16, 32), "float32")
     assert ops.layer_impl(*args, tuner=t) == "im2col"
     never = tuner(tmp_path, never_timed)
