@@ -165,18 +165,35 @@ def reward(params: Params, cfg: ModelConfig, feat: jax.Array) -> jax.Array:
     return apply(params, cfg, "reward", feat)
 
 
+# Random bits per dequantisation noise value: two values from each 32-bit threefry word.
+NOISE_BITS = 16
+
+
+def dequantisation_noise(key: jax.Array, shape: tuple[int, ...], bins: float) -> jax.Array:
+    """Uniform noise on (0, 1 / bins), float32 of `shape` (at least 2 axes, e.g. (..., H, W, C)).
+
+    Each value is (u + 1/2) / (2^16 bins) for a uniform 16-bit integer u: the midpoints of 2^16
+    equal cells of the bin, so its mean is exactly half a bin. A float32 `jax.random.uniform` would
+    draw one 32-bit threefry word per value; this draws one per two values (the high and low halves
+    of a word go to the two halves of axis -2, so each value depends on the part of the key stream
+    of its own leading index, which keeps a batch split over devices local).
+    """
+    half = shape[:-2] + ((shape[-2] + 1) // 2, shape[-1])
+    words = jax.random.bits(key, half, jnp.uint32)
+    u = jnp.concatenate([words >> NOISE_BITS, words & (2 ** NOISE_BITS - 1)], axis=-2)
+    return (u[..., :shape[-2], :].astype(jnp.float32) + 0.5) / (2 ** NOISE_BITS * bins)
+
+
 def preprocess(o: jax.Array, key: jax.Array | None, bit_depth: int = 5) -> jax.Array:
     """uint8 images -> floats in [-0.5, 0.5): keep `bit_depth` bits, add uniform dequantisation noise.
 
-    floor(o / 2^(8 - b)) / 2^b + U(0, 1 / 2^b) - 0.5 (paper's preprocessing with b = 5). Without a
+    o: uint8 (..., H, W, C). floor(o / 2^(8 - b)) / 2^b + U(0, 1 / 2^b) - 0.5 (paper's preprocessing
+    with b = 5; the noise at 16-bit resolution within the bin, `dequantisation_noise`). Without a
     key the noise is replaced by its mean, half a bin (for evaluation and video).
     """
     bins = 2.0 ** bit_depth
     x = jnp.floor(o.astype(jnp.float32) / 2 ** (8 - bit_depth)) / bins
-    if key is None:
-        noise = 0.5 / bins
-    else:
-        noise = jax.random.uniform(key, o.shape, jnp.float32, 0.0, 1.0 / bins)
+    noise = 0.5 / bins if key is None else dequantisation_noise(key, o.shape, bins)
     return x + noise - 0.5
 
 

@@ -99,6 +99,23 @@ def test_preprocess_five_bits():
     assert np.array_equal(np.asarray(networks.postprocess(jnp.asarray(x_mean))) // 8, o // 8)
 
 
+def test_dequantisation_noise_is_uniform_over_the_bin():
+    noise = np.asarray(networks.dequantisation_noise(jax.random.PRNGKey(3), (8, 64, 64, 3), 32.0))
+    assert noise.dtype == np.float32 and noise.min() > 0 and noise.max() < 1 / 32
+    # Against U(0, 1/32): 16 equal cells of the bin each hold 1/16 of 98,304 values (a cell's
+    # standard deviation is 0.24% of all values), and the mean and variance are those of the uniform.
+    counts = np.histogram(noise, bins=16, range=(0, 1 / 32))[0] / noise.size
+    np.testing.assert_allclose(counts, 1 / 16, atol=0.01)
+    np.testing.assert_allclose(noise.mean(), 1 / 64, rtol=0.01)
+    np.testing.assert_allclose(noise.var(), (1 / 32) ** 2 / 12, rtol=0.02)
+    # 16-bit resolution: 98,304 draws of 2^16 equally likely values leave 65536 (1 - e^-1.5), about
+    # 50,900, distinct ones. Both halves of each random word are used, and differ.
+    assert 49_000 < np.unique(noise).size < 53_000
+    assert not np.allclose(noise[:, :, :32], noise[:, :, 32:])
+    # The value of one image depends on the key only: an odd width and other leading shapes work.
+    assert networks.dequantisation_noise(jax.random.PRNGKey(3), (2, 5, 7, 3), 32.0).shape == (2, 5, 7, 3)
+
+
 def test_gaussian_sample_and_log_likelihood_equal_the_closed_forms():
     """The distrax form of the diagonal Gaussian: the sample is mean + std * N(0, I) noise from the
     same key (the reparameterisation the model used before distrax), and the log-likelihood is
