@@ -141,7 +141,7 @@ class Tuner:
         entry = self._read().get(self.machine, {}).get(op, {}).get(key)
         # A choice made before a candidate existed (one missing from its timings) is measured again.
         if (isinstance(entry, dict) and entry.get("choice") in names
-                and set(names) <= set(entry.get("seconds") or ())):
+                and isinstance(entry.get("seconds"), dict) and set(names) <= set(entry["seconds"])):
             return entry["choice"]
         with concurrent.futures.ThreadPoolExecutor(1) as pool:  # outside any jax trace
             seconds = pool.submit(lambda: {n: float(self.timer(n, candidates[n])) for n in names}).result()

@@ -185,7 +185,7 @@ def dequantisation_noise(key: jax.Array, shape: tuple[int, ...], bins: float) ->
 
 
 def preprocess(o: jax.Array, key: jax.Array | None, bit_depth: int = 5) -> jax.Array:
-    """uint8 images -> floats in [-0.5, 0.5): keep `bit_depth` bits, add uniform dequantisation noise.
+    """uint8 images -> floats in [-0.5, 0.5]: keep `bit_depth` bits, add uniform dequantisation noise.
 
     o: uint8 (..., H, W, C). floor(o / 2^(8 - b)) / 2^b + U(0, 1 / 2^b) - 0.5 (paper's preprocessing
     with b = 5; the noise at 16-bit resolution within the bin, `dequantisation_noise`). Without a

@@ -73,7 +73,7 @@ _MAX_CONV_CHANNELS = 256
 #   im2col  the reformulation, each correlation as one matmul of the shifted windows side by side;
 #   taps    the reformulation, each correlation as one matmul per kernel tap, summed;
 #   outer   the reformulation, each correlation as one matmul of the input with every tap's weights
-#           side by side, then the taps' outputs shifted into place and summed (one fused loop);
+#           side by side, then the taps' outputs shifted into place and summed;
 #   mixed   the reformulation, per correlation: conv when narrow (_MAX_CONV_CHANNELS), otherwise
 #           im2col or taps, whichever copies the narrower of input and output.
 # 'mixed' is the default when nothing is measured; `layer_impl` measures (planet_jax.autotune).

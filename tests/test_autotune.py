@@ -57,6 +57,12 @@ def test_a_choice_cached_before_a_candidate_existed_is_measured_again(tmp_path):
     assert tuner(tmp_path, timer).choose("op", "s", CANDIDATES, "a") == "c"
     assert timer.timed == ["a", "b", "c"]
     assert tuner(tmp_path, never_timed).choose("op", "s", CANDIDATES, "a") == "c"
+    # An entry whose timings are not a table (edited by hand) is measured again, not a crash.
+    path = tmp_path / "cache" / "autotune.json"
+    data = json.loads(path.read_text())
+    data["entries"]["test machine"]["op"]["s"]["seconds"] = 5.0
+    path.write_text(json.dumps(data))
+    assert tuner(tmp_path, FakeTimer({"a": 1.0, "b": 2.0, "c": 3.0})).choose("op", "s", CANDIDATES, "c") == "a"
 
 
 def test_ties_go_to_the_default_and_calls_weigh_the_times(tmp_path):

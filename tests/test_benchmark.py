@@ -18,8 +18,8 @@ def test_hlo_op_names_skip_control_flow_and_loop_scopes():
 
 
 def test_profile_ranks_the_operations_of_a_call():
-    # 2 * 2048 flops of matmul per tanh: the matmul leads however XLA compiles the elementwise part
-    # (the suite compiles at LLVM level 0, where a tanh costs as much as hundreds of multiply-adds).
+    # 2 * 2048 flops of matmul per tanh, so the matmul leads even where the tanh is compiled without
+    # vectorisation (the suite compiles at LLVM level 0).
     f = jax.jit(lambda y, x: lax.fori_loop(0, 20, lambda i, y: jnp.tanh(y @ x), y))
     y, x = jnp.full((16, 2048), 0.01), jnp.full((2048, 2048), 0.01)
     f(y, x).block_until_ready()
