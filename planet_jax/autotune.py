@@ -123,9 +123,10 @@ class Tuner:
         """The candidate to use for `op` at shape `key` (a string naming the shapes and settings).
 
         pin: 'auto' (the cached choice if every candidate was timed for it, else measure, cache and
-        return the fastest), 'default' (`default` without measuring), or a candidate's name (returned as is). `default` is also
-        taken when searching is off or `gflop` (work per call) is below MIN_SEARCH_GFLOP. calls:
-        how many calls of each candidate the op needs (default 1); the least total time wins.
+        return the fastest), 'default' (`default` without measuring), or a candidate's name
+        (returned as is). `default` is also taken when searching is off or `gflop` (work per call)
+        is below MIN_SEARCH_GFLOP. calls: how many calls of each candidate the op needs (default 1);
+        the least total time wins.
         Raises ValueError naming the choices for a pin or default that is not a candidate.
         Measuring runs in a worker thread, so this may be called while jax traces a function.
         """

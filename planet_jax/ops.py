@@ -18,9 +18,10 @@ The stride-1 convolutions above are themselves matmuls (`_conv_s1`): the shifted
 side in channels and one matmul; one matmul per tap, summed; one matmul of the unshifted input with
 all taps side by side, whose per-tap outputs are then shifted and summed; or XLA's stride-1 conv for
 narrow layers. The first copies a * b input windows, the second slices them for its matmuls, the
-third copies a * b outputs instead, so which is fastest depends on the channels in and out. Which of these formulations (config.CONV_IMPLS, XLA's own strided op among them) each
-layer uses is measured once per machine and shape (`layer_impl`, planet_jax.autotune), since the
-fastest differs between CPUs and between CPUs and accelerators. Everything is pure jnp/lax, so it
+third copies a * b outputs instead, so which is fastest depends on the channels in and out. Which
+of these formulations (config.CONV_IMPLS, XLA's own strided op among them) each layer uses is
+measured once per machine and shape (`layer_impl`, planet_jax.autotune), since the fastest differs
+between CPUs and between CPUs and accelerators. Everything is pure jnp/lax, so it
 also runs (and differentiates) on GPU/TPU.
 
 `dtype` ('float32' or 'bfloat16') is the operand type of every matmul in both passes; products are

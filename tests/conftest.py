@@ -1,13 +1,17 @@
 import dataclasses
 import os
 
+
+def xla_flags(*flags: str) -> str:
+    """This process's XLA_FLAGS with `flags` appended (for a subprocess's environment)."""
+    return " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
+
+
 # Compiling, not running, is what the suite spends its time on: the tests' programs are tiny. LLVM's
 # optimisations at level 0, and XLA:CPU's older loop emitters instead of its MLIR fusion emitters,
 # compile them several times faster (docs/performance.md, "Test suite"). Set before JAX starts its
 # backend, and inherited by the CLI subprocesses.
-os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0",
-     "--xla_cpu_use_fusion_emitters=false"]).strip()
+os.environ["XLA_FLAGS"] = xla_flags("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -12,6 +12,7 @@ import pytest
 
 from experiments import evaluate as evaluate_cli
 from experiments import train as train_cli
+from tests.conftest import xla_flags
 
 ENV = "cartpole_swingup"  # tiny preset: 100 environment steps at repeat 8 -> 14-frame episodes
 
@@ -130,7 +131,7 @@ def test_logdir_that_is_a_file(tmp_path, capsys):
 def test_batch_that_does_not_divide_over_the_devices():
     cmd, env = _cli("experiments.train", "--env", ENV, "--preset", "tiny", "--set", "train.batch_size=3",
                     "--logdir", "/nonexistent/never_written")
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
+    env["XLA_FLAGS"] = xla_flags("--xla_force_host_platform_device_count=2")
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "batch_size" in result.stderr, result.stderr

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from tests.conftest import xla_flags
+
 FOUR_DEVICES = "--xla_force_host_platform_device_count=4"
 ENV = "cartpole_swingup"
 
@@ -74,8 +76,7 @@ print(json.dumps(out))
 
 
 def _run(args, timeout=300):
-    flags = f"{os.environ.get('XLA_FLAGS', '')} {FOUR_DEVICES}"
-    env = dict(os.environ, XLA_FLAGS=flags, MUJOCO_GL="egl")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(FOUR_DEVICES), MUJOCO_GL="egl")
     return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
