@@ -60,8 +60,9 @@ class ModelConfig:
     `planet_jax.ops`): 'auto' measures each layer's candidates once per machine and shape
     (`planet_jax.autotune`, cached); 'default' takes 'mixed' without measuring; a formulation's name
     pins it for every layer; 'conv0=taps,deconv3=conv' pins the named layers (encoder conv0..conv3,
-    decoder deconv0..deconv3) and leaves the others 'auto'. Applies in the training loss. Same
-    result every way, to float32 rounding."""
+    decoder deconv1..deconv3; deconv0, on a 1x1 input, is one matmul with the dense layer before it,
+    `ops.dense_conv_transpose_1x1`) and leaves the others 'auto'. Applies in the training loss.
+    Same result every way, to float32 rounding."""
 
     @property
     def embed_size(self) -> int:

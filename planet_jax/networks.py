@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from planet_jax import ops
 from planet_jax.config import ModelConfig
 from planet_jax.ops import Conv, Deconv, relu
 
@@ -43,24 +44,55 @@ class Encoder(nn.Module):
         return x.reshape(x.shape[:-3] + (-1,))
 
 
+class Weights(nn.Module):
+    """Parameters only: 'kernel' of `kernel_shape` and 'bias' (kernel_shape[-1],), initialised as
+    `nn.Dense` and `nn.ConvTranspose` initialise theirs (LeCun normal, zeros); returns both, for
+    layers that are computed together (`ops.dense_conv_transpose_1x1`)."""
+    kernel_shape: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self) -> tuple[jax.Array, jax.Array]:
+        kernel = self.param("kernel", nn.linear.default_kernel_init, self.kernel_shape, jnp.float32)
+        return kernel, self.param("bias", nn.initializers.zeros_init(), self.kernel_shape[-1:], jnp.float32)
+
+
 class Decoder(nn.Module):
-    """Mean of p(o_t | h_t, s_t): dense 1024 (x depth/32) -> deconv 128 (k5), 64 (k5), 32 (k6), 3 (k6)."""
+    """Mean of p(o_t | h_t, s_t): dense 1024 (x depth/32) -> deconv 128 (k5), 64 (k5), 32 (k6), 3 (k6).
+
+    `head` is the dense layer and the first transposed conv (on its 1x1 output), before that conv's
+    ReLU; `body` the rest. The parameters are flax's `Dense` ('dense') and `ConvTranspose`
+    ('deconv0'..'deconv3') either way.
+    """
     depth: int
+    feature_size: int
     fast: bool = True
     dtype: str = "float32"
 
-    @nn.compact
+    def setup(self):
+        d = self.depth
+        self.dense = Weights((self.feature_size, 32 * d))
+        self.deconv0 = Weights((5, 5, 32 * d, 4 * d))
+        # fast: an exact reformulation of the stride-2 transposed conv (planet_jax.ops); the
+        # parameters are the same either way.
+        self.deconv1 = Deconv(2 * d, 5, self.fast, dtype=self.dtype)
+        self.deconv2 = Deconv(d, 6, self.fast, dtype=self.dtype)
+        self.deconv3 = Deconv(3, 6, self.fast, dtype=self.dtype)
+
     def __call__(self, feat: jax.Array) -> jax.Array:
-        x = nn.Dense(32 * self.depth, name="dense")(feat)
-        x = x.reshape(x.shape[:-1] + (1, 1, 32 * self.depth))
-        specs = ((4 * self.depth, 5), (2 * self.depth, 5), (self.depth, 6), (3, 6))
-        for i, (channels, kernel) in enumerate(specs):
-            # fast: an exact reformulation of the stride-2 transposed conv (planet_jax.ops); the
-            # parameters are the same either way.
-            x = Deconv(channels, kernel, self.fast, dtype=self.dtype, name=f"deconv{i}")(x)
-            if i < len(specs) - 1:
-                x = relu(x)
-        return x
+        return self.body(self.head(feat))
+
+    def head(self, feat: jax.Array) -> jax.Array:
+        """(N, |h|+|s|) -> (N, 5, 5, 4 depth), before the ReLU."""
+        (w_d, b_d), (kernel, bias) = self.dense(), self.deconv0()
+        if self.fast:  # one affine map: no nonlinearity between the two layers
+            return ops.dense_conv_transpose_1x1(feat, w_d, b_d, kernel, bias, self.dtype)
+        x = jnp.dot(feat, w_d) + b_d
+        return ops.conv_transpose_s2_plain(x.reshape(x.shape[:-1] + (1, 1, -1)), kernel, bias)
+
+    def body(self, x: jax.Array) -> jax.Array:
+        """`head`'s output (N, 5, 5, 4 depth) -> (N, 64, 64, 3) mean images."""
+        x = relu(self.deconv1(relu(x)))
+        return self.deconv3(relu(self.deconv2(x)))
 
 
 class RewardModel(nn.Module):
@@ -112,19 +144,21 @@ def modules(cfg: ModelConfig) -> Mapping[str, nn.Module]:
     'encoder', 'decoder', 'reward', 'transition', 'posterior', the keys of the parameter pytree)."""
     return types.MappingProxyType({
         "encoder": Encoder(cfg.cnn_depth, cfg.fast_conv, cfg.conv_dtype),
-        "decoder": Decoder(cfg.cnn_depth, cfg.fast_conv, cfg.conv_dtype),
+        "decoder": Decoder(cfg.cnn_depth, cfg.feature_size, cfg.fast_conv, cfg.conv_dtype),
         "reward": RewardModel(cfg.reward_hidden, cfg.reward_layers),
         "transition": Transition(cfg),
         "posterior": Posterior(cfg),
     })
 
 
-def apply(params: Params, cfg: ModelConfig, part: str, *inputs: jax.Array) -> Any:
-    """Runs network `part` (a key of `modules(cfg)`) on `inputs` with its slice of `params`.
+def apply(params: Params, cfg: ModelConfig, part: str, *inputs: jax.Array, method: str | None = None
+          ) -> Any:
+    """Runs network `part` (a key of `modules(cfg)`) on `inputs` with its slice of `params`; `method`
+    names another of its methods than `__call__` (the decoder's 'head' and 'body').
 
-    Raises KeyError for an unknown part.
+    Raises KeyError for an unknown part, AttributeError for an unknown method.
     """
-    return modules(cfg)[part].apply({"params": params[part]}, *inputs)
+    return modules(cfg)[part].apply({"params": params[part]}, *inputs, method=method)
 
 
 def init_params(cfg: ModelConfig, action_dim: int, key: jax.Array) -> Params:
@@ -152,10 +186,25 @@ def encode(params: Params, cfg: ModelConfig, o: jax.Array) -> jax.Array:
 
 
 def decode(params: Params, cfg: ModelConfig, feat: jax.Array) -> jax.Array:
-    """(..., |h|+|s|) features -> (..., 64, 64, 3) mean images."""
+    """(..., |h|+|s|) features -> (..., 64, 64, 3) mean images: `decode_body` of `decode_head`."""
+    return decode_body(params, cfg, decode_head(params, cfg, feat))
+
+
+def decode_head(params: Params, cfg: ModelConfig, feat: jax.Array) -> jax.Array:
+    """The decoder's dense layer and first transposed conv: (..., |h|+|s|) features ->
+    (..., 5, 5, 4 depth) float32, before that conv's ReLU. Cheaper per image on many images at once
+    (`ops.dense_conv_transpose_1x1` multiplies the two kernels once per call)."""
     chex.assert_shape(feat, (..., cfg.feature_size))
     lead = feat.shape[:-1]
-    o = apply(params, cfg, "decoder", feat.reshape((-1, cfg.feature_size)))
+    x = apply(params, cfg, "decoder", feat.reshape((-1, cfg.feature_size)), method="head")
+    return x.reshape(lead + x.shape[1:])
+
+
+def decode_body(params: Params, cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    """The rest of the decoder: `decode_head`'s (..., 5, 5, 4 depth) -> (..., 64, 64, 3) mean images."""
+    chex.assert_shape(x, (..., 5, 5, 4 * cfg.cnn_depth))
+    lead = x.shape[:-3]
+    o = apply(params, cfg, "decoder", x.reshape((-1,) + x.shape[-3:]), method="body")
     return o.reshape(lead + (64, 64, 3))
 
 

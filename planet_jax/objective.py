@@ -116,7 +116,7 @@ def image_group(cfg: ModelConfig, batch: int, length: int, tuner: autotune.Tuner
     candidates = {str(g): functools.partial(_timed_images, cfg, g * length) for g in sizes}
     gflop = _image_flops(cfg) * length / 1e9
     key = (f"B{batch} L{length} depth{cfg.cnn_depth} feat{cfg.feature_size} {cfg.conv_dtype} "
-           f"fast{int(cfg.fast_conv)} conv {cfg.conv_impl}")
+           f"fast{int(cfg.fast_conv)} conv {cfg.conv_impl} decoder body")
     calls = {str(g): batch / g for g in sizes}
     return int((tuner or autotune.Tuner()).choose("objective.image_group", key, candidates, str(default),
                                                   gflop=gflop, calls=calls))
@@ -134,22 +134,23 @@ def _image_flops(cfg: ModelConfig) -> int:
 
 
 def _timed_images(cfg: ModelConfig, images: int) -> Callable[[], Any]:
-    """An autotune candidate: encoder and decoder, forward and gradients (parameters and features),
-    on `images` random images, compiled with the conv layers 'mixed' unless cfg pins them."""
+    """An autotune candidate: what `loss_fn` runs per group (encoder, decoder body), forward and
+    gradients (parameters and the decoder head's output), on `images` random images, compiled with
+    the conv layers 'mixed' unless cfg pins them."""
     kp, ko, kf = jax.random.split(jax.random.PRNGKey(0), 3)
     mods = networks.modules(cfg)
     o = jax.random.uniform(ko, (images, 64, 64, 3), minval=-0.5, maxval=0.5)
-    feat = jax.random.normal(kf, (images, cfg.feature_size))
+    head = jax.random.normal(kf, (images, 5, 5, 4 * cfg.cnn_depth))
     params = {"encoder": mods["encoder"].init(kp, o[:1])["params"],
-              "decoder": mods["decoder"].init(kp, feat[:1])["params"]}
+              "decoder": mods["decoder"].init(kp, jnp.zeros((1, cfg.feature_size)))["params"]}
 
-    def loss(p, feat):
+    def loss(p, head):
         e = networks.encode(p, cfg, o)
-        return jnp.sum(jnp.square(networks.decode(p, cfg, feat) - o)) + jnp.sum(jnp.square(e))
+        return jnp.sum(jnp.square(networks.decode_body(p, cfg, head) - o)) + jnp.sum(jnp.square(e))
 
     with ops.conv_impl_scope("default" if cfg.conv_impl == "auto" else cfg.conv_impl):
-        grads = jax.jit(jax.grad(loss, (0, 1))).lower(params, feat).compile()
-    return lambda: jax.block_until_ready(grads(params, feat))
+        grads = jax.jit(jax.grad(loss, (0, 1))).lower(params, head).compile()
+    return lambda: jax.block_until_ready(grads(params, head))
 
 
 def _by_groups(fn, xs, cfg: ModelConfig):
@@ -188,9 +189,12 @@ def loss_fn(params: networks.Params, cfg: ModelConfig, loss_cfg: LossConfig, bat
     embeds = _by_groups(lambda o: networks.encode(params, cfg, o), obs, cfg)
     terms, feat = jax.vmap(sequence_loss, (None, None, None, 0, 0, 0, 0))(
         params, cfg, loss_cfg, embeds, batch.action, batch.reward, jax.random.split(k_seq, B))
+    # The decoder's head multiplies its two kernels once per call, so it runs once on all images.
+    with ops.conv_impl_scope(cfg.conv_impl):
+        head = networks.decode_head(params, cfg, feat)
     image_nll = _by_groups(
-        lambda fo: 0.5 * jnp.sum(jnp.square(networks.decode(params, cfg, fo[0]) - fo[1]), (-3, -2, -1)),
-        (feat, obs), cfg)
+        lambda xo: 0.5 * jnp.sum(jnp.square(networks.decode_body(params, cfg, xo[0]) - xo[1]), (-3, -2, -1)),
+        (head, obs), cfg)
     terms = jax.tree.map(lambda x: jnp.mean(x, 0), terms)
     terms["image_loss"] = jnp.mean(image_nll)
     D = loss_cfg.overshooting_distance

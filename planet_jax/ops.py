@@ -29,6 +29,9 @@ accumulated and returned in float32. bfloat16 speeds up the matmuls on CPUs with
 dot products (and on TPUs) at a relative error of about 2^-8 per operand (tests/test_ops.py
 states the tolerance against float32).
 
+The decoder's first transposed conv reads the 1x1 output of a dense layer with no nonlinearity
+between them; `dense_conv_transpose_1x1` computes the two as one affine map.
+
 `Deconv` is a drop-in for that flax layer: same parameter names, shapes and initialisers, so
 parameters are interchangeable between `fast=True` and `fast=False`.
 
@@ -360,6 +363,33 @@ def conv_transpose_s2_plain(x: jax.Array, kernel: jax.Array, bias: jax.Array | N
     when XLA's own lowering is preferred. Always float32 (`dtype` is accepted for a common signature)."""
     op = lambda x, kernel: lax.conv_transpose(x, kernel, (2, 2), "VALID", dimension_numbers=_DN)
     return _apply(op, x, kernel, bias)
+
+
+def dense_conv_transpose_1x1(x: jax.Array, dense_kernel: jax.Array, dense_bias: jax.Array,
+                             kernel: jax.Array, bias: jax.Array, dtype: str = "float32") -> jax.Array:
+    """flax's `ConvTranspose(O, (k, k), (2, 2), 'VALID')` on `Dense(F)(x)` seen as a 1x1 image, as
+    one affine map: the decoder's first two layers, which have no nonlinearity between them.
+
+    x: (..., D); dense_kernel (D, F) and dense_bias (F,) in `nn.Dense`'s layout; kernel (k, k, F, O)
+    and bias (O,) in `nn.ConvTranspose`'s; dtype: the operand type of the matmul with x (see the
+    module docstring). Returns float32 (..., k, k, O). On a 1x1 input the transposed conv is
+    y[p, q] = z @ S[p, q] + bias with S = kernel[::-1, ::-1] (module docstring), so with S as an
+    (F, k k O) matrix the layers are x @ (W_d S) + (b_d S + bias); the product is taken in the order
+    with fewer multiply-adds: W_d S first when there are many rows (D << F), z = x W_d first for few.
+    Raises ValueError for kernels that do not chain (D, F) into (k, k, F, O).
+    """
+    k, k2, f, o = kernel.shape
+    if dense_kernel.shape[1:] != (f,) or k2 != k or dense_kernel.shape[0] != x.shape[-1]:
+        raise ValueError(f"dense kernel {dense_kernel.shape} and kernel {kernel.shape} do not chain "
+                         f"(D, F) -> (k, k, F, O) for inputs {x.shape}")
+    s = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(f, k * k * o)
+    rows, d = math.prod(x.shape[:-1]), x.shape[-1]
+    mm = jnp.dot if dtype == "float32" else functools.partial(_matmul, dtype=_check_dtype(dtype))
+    if d * f * k * k * o + rows * d * k * k * o < rows * f * (d + k * k * o):
+        y = mm(x, jnp.dot(dense_kernel, s)) + jnp.dot(dense_bias, s)
+    else:
+        y = mm(mm(x, dense_kernel) + dense_bias, s)
+    return y.reshape(x.shape[:-1] + (k, k, o)) + bias
 
 
 def _s2d_kernel(kernel: jax.Array) -> jax.Array:

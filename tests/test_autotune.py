@@ -191,9 +191,11 @@ def test_image_group_is_the_fastest_per_sequence_or_the_pin(tmp_path, monkeypatc
     assert timer.timed == ["1", "2"]
 
 
-def test_image_group_candidate_runs_the_encoder_and_decoder_gradients():
+def test_image_group_candidate_runs_the_encoder_and_decoder_body_gradients():
     grads = objective._timed_images(tiny_model(), 3)()
-    assert {"encoder", "decoder"} <= set(grads[0]) and grads[1].shape == (3, tiny_model().feature_size)
+    assert {"encoder", "decoder"} <= set(grads[0]) and grads[1].shape == (3, 5, 5, 4 * tiny_model().cnn_depth)
+    # The head's layers are not in the group: their gradients are zero, the body's are not.
+    assert not np.any(grads[0]["decoder"]["dense"]["kernel"]) and np.any(grads[0]["decoder"]["deconv1"]["kernel"])
 
 
 def test_plan_batching_measured_pinned_or_default(tmp_path, monkeypatch):

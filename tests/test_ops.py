@@ -114,6 +114,41 @@ def test_networks_fast_and_plain_share_parameters_and_agree():
         np.testing.assert_allclose(fast, plain, atol=1e-4, rtol=1e-4)
 
 
+def _flax_dense_deconv(x, w_d, b_d, kernel, bias):
+    z = nn.Dense(w_d.shape[1]).apply({"params": {"kernel": w_d, "bias": b_d}}, x)
+    return _flax(z.reshape(z.shape[:-1] + (1, 1, -1)), kernel, bias)
+
+
+# Few rows: x @ W_d first; many rows: the kernels' product first (fewer multiply-adds each way).
+@pytest.mark.parametrize("lead,kernels_first", [((2,), False), ((5, 8), True)])
+def test_dense_then_conv_transpose_on_1x1_equals_flax(lead, kernels_first):
+    d, f, k, o = 4, 16, 5, 3
+    keys = jax.random.split(jax.random.PRNGKey(len(lead)), 6)
+    x = jax.random.normal(keys[0], lead + (d,))
+    args = (jax.random.normal(keys[1], (d, f)), jax.random.normal(keys[2], (f,)),
+            jax.random.normal(keys[3], (k, k, f, o)) / k, jax.random.normal(keys[4], (o,)))
+    y = ops.dense_conv_transpose_1x1(x, *args)
+    assert y.shape == lead + (k, k, o) and y.dtype == jnp.float32
+    flat = x.reshape(-1, d)
+    np.testing.assert_allclose(y.reshape((-1, k, k, o)), _flax_dense_deconv(flat, *args), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(y.reshape((-1, k, k, o)), _naive(
+        (np.asarray(flat, np.float64) @ np.asarray(args[0], np.float64) + np.asarray(args[1]))[:, None, None],
+        *args[2:]), atol=1e-4, rtol=1e-4)
+    dots = [tuple(v.aval.shape for v in e.invars) for e in jax.make_jaxpr(ops.dense_conv_transpose_1x1)(x, *args).eqns
+            if e.primitive.name == "dot_general"]
+    assert (((d, f), (f, k * k * o)) in dots) == kernels_first
+
+    cotangent = jax.random.normal(keys[5], y.shape)
+    grad = lambda fn: jax.grad(lambda *a: jnp.sum(fn(*a).reshape(cotangent.shape) * cotangent), range(5))
+    ref = grad(lambda x, *a: _flax_dense_deconv(x.reshape(-1, d), *a))(x, *args)
+    for g, g_ref in zip(grad(ops.dense_conv_transpose_1x1)(x, *args), ref):
+        np.testing.assert_allclose(g, g_ref, atol=1e-3, rtol=1e-4)
+    y16 = ops.dense_conv_transpose_1x1(x, *args, dtype="bfloat16")
+    assert 1e-4 < _scaled_error(y16, y) < BF16_TOL
+    with pytest.raises(ValueError, match="chain"):
+        ops.dense_conv_transpose_1x1(x, args[0], args[1], args[2][:, :, :-1], args[3])
+
+
 @pytest.mark.parametrize("kernel_shape", [(4, 4, 2, 3), (4, 3, 3, 3), (1, 1, 3, 3)])
 def test_bad_kernel_shape_is_named(kernel_shape):
     with pytest.raises(ValueError, match="kernel"):
