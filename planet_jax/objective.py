@@ -190,8 +190,7 @@ def loss_fn(params: networks.Params, cfg: ModelConfig, loss_cfg: LossConfig, bat
     terms, feat = jax.vmap(sequence_loss, (None, None, None, 0, 0, 0, 0))(
         params, cfg, loss_cfg, embeds, batch.action, batch.reward, jax.random.split(k_seq, B))
     # The decoder's head multiplies its two kernels once per call, so it runs once on all images.
-    with ops.conv_impl_scope(cfg.conv_impl):
-        head = networks.decode_head(params, cfg, feat)
+    head = networks.decode_head(params, cfg, feat)
     image_nll = _by_groups(
         lambda xo: 0.5 * jnp.sum(jnp.square(networks.decode_body(params, cfg, xo[0]) - xo[1]), (-3, -2, -1)),
         (head, obs), cfg)

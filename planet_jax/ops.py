@@ -121,6 +121,11 @@ def _matmul_bwd(dtype, res, g):
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
+def _matmul_of(dtype: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """x @ w with `dtype` operands in both passes: plain `jnp.dot` for float32, else `_matmul`."""
+    return jnp.dot if dtype == "float32" else functools.partial(_matmul, dtype=dtype)
+
+
 def _conv_s1(x: jax.Array, w: jax.Array, dtype: str, impl: str) -> jax.Array:
     """Stride-1 VALID correlation of x (B, H, W, C) with w (a, b, C, N), formulated as `impl` says
     (see CONV_IMPLS): XLA's conv ('conv', float32 whatever `dtype`), the a * b shifted windows
@@ -135,7 +140,7 @@ def _conv_s1(x: jax.Array, w: jax.Array, dtype: str, impl: str) -> jax.Array:
         impl = "conv" if c * n <= _MAX_CONV_CHANNELS else "im2col" if c < n else "taps"
     if impl == "conv":
         return _narrow_conv_s1(x, w)
-    mm = jnp.dot if dtype == "float32" else functools.partial(_matmul, dtype=dtype)
+    mm = _matmul_of(dtype)
     if impl == "outer":
         ho, wo = x.shape[1] - a + 1, x.shape[2] - b + 1
         y = mm(x, w.transpose(2, 0, 1, 3).reshape(c, a * b * n)).reshape(x.shape[:3] + (a * b, n))
@@ -384,7 +389,7 @@ def dense_conv_transpose_1x1(x: jax.Array, dense_kernel: jax.Array, dense_bias: 
                          f"(D, F) -> (k, k, F, O) for inputs {x.shape}")
     s = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(f, k * k * o)
     rows, d = math.prod(x.shape[:-1]), x.shape[-1]
-    mm = jnp.dot if dtype == "float32" else functools.partial(_matmul, dtype=_check_dtype(dtype))
+    mm = _matmul_of(_check_dtype(dtype))
     if d * f * k * k * o + rows * d * k * k * o < rows * f * (d + k * k * o):
         y = mm(x, jnp.dot(dense_kernel, s)) + jnp.dot(dense_bias, s)
     else:
