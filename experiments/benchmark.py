@@ -43,7 +43,7 @@ MEASUREMENTS = {
     "train_bf16": ("paper", "train", [BF16], 0, ["--mode", "train"]),
     "train_os50_bf16": ("paper", "train", [OS50, BF16], 0, ["--mode", "train_os", "--os-padded"]),
     # The step with the encoder and decoder run on the whole batch at once (by default a CPU runs
-    # them on 2 sequences at a time: model.image_group).
+    # them on a few sequences at a time: model.image_group).
     "train_whole_batch": ("paper", "train", ["model.image_group=50"], 0, ["--mode", "train"]),
     "plan_1": ("paper", "plan", [], 1, ["--mode", "plan", "--plan-batch", "1"]),
     "plan_8": ("paper", "plan", [], 8, ["--mode", "plan", "--plan-batch", "8"]),

@@ -4,9 +4,10 @@ Several of planet_jax's speed choices depend on the machine more than on the mod
 convolution layer is computed (`ops.CONV_IMPLS`), how many sequences the encoder and decoder see at
 a time (`objective.image_group`), and whether the planner maps or vmaps over environments
 (`planner.PLAN_BATCHING`). Like XLA's and cuDNN's autotuners, `choose` times each candidate once
-for the shapes in use, at trace time (in Python, never inside jit), and remembers the fastest:
+for the shapes in use, at trace time (in Python, never inside jit), and remembers the fastest
+(or the default, unless the fastest saves at least the op's `min_gain` of its time):
 
-  cache   one JSON file, `cache_dir() / "autotune.json"`: {"version": 1, "entries": {machine:
+  cache   one JSON file, `cache_dir() / "autotune.json"`: {"version": 2, "entries": {machine:
           {op: {shape key: {"choice": name, "seconds": {name: s}}}}}}, where machine is
           `machine_id()` (CPU model or accelerator kind, core count, jax version), so a cache that
           travels with a home folder to another machine or jax is not reused there. The folder is
@@ -37,7 +38,7 @@ from typing import Any, Callable, Mapping
 ENV_CACHE_DIR = "PLANET_JAX_CACHE_DIR"
 ENV_SEARCH = "PLANET_JAX_AUTOTUNE"
 CACHE_FILE = "autotune.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: a choice keeps the default unless another candidate saves `min_gain`
 
 # Below this much work per call (GFLOP, forward) a candidate's time is mostly dispatch and noise on
 # any machine, so the default is taken without measuring (this keeps tiny test models from searching).
@@ -119,11 +120,11 @@ class Tuner:
 
     def choose(self, op: str, key: str, candidates: Mapping[str, Builder], default: str,
                pin: str = "auto", gflop: float | None = None,
-               calls: Mapping[str, float] | None = None) -> str:
+               calls: Mapping[str, float] | None = None, min_gain: float = 0.0) -> str:
         """The candidate to use for `op` at shape `key` (a string naming the shapes and settings).
 
         pin: 'auto' (the cached choice if every candidate was timed for it, else measure, cache and
-        return the fastest), 'default' (`default` without measuring), or a candidate's name
+        return the fastest, see below), 'default' (`default` without measuring), or a candidate's name
         (returned as is). `default` is also taken when searching is off or `gflop` (work per call)
         is below MIN_SEARCH_GFLOP. calls: how many calls of each candidate the op needs (default 1);
         the least total time wins.
@@ -147,7 +148,8 @@ class Tuner:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:  # outside any jax trace
             seconds = pool.submit(lambda: {n: float(self.timer(n, candidates[n])) for n in names}).result()
         total = {n: seconds[n] * (calls or {}).get(n, 1.0) for n in names}
-        choice = min(names, key=lambda n: (total[n], n != default))
+        fastest = min(names, key=lambda n: (total[n], n != default))
+        choice = fastest if total[fastest] <= (1 - min_gain) * total[default] else default
         self._write(op, key, {"choice": choice, "seconds": {n: round(s, 6) for n, s in seconds.items()}})
         return choice
 
@@ -161,8 +163,10 @@ class Tuner:
             return {}
         try:
             data = json.loads(text)
+            if isinstance(data.get("version"), int) and 0 < data["version"] < CACHE_VERSION:
+                raise ValueError(f"made by an older planet_jax, cache version {data['version']}")
             if data.get("version") != CACHE_VERSION or not isinstance(data.get("entries"), dict):
-                raise ValueError("not a version-1 autotune cache")
+                raise ValueError(f"not a version-{CACHE_VERSION} autotune cache")
             return data["entries"]
         except (ValueError, AttributeError) as err:
             warnings.warn(f"autotune cache {self.path} ignored ({err}); it will be rewritten", AutotuneWarning)

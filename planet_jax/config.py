@@ -51,14 +51,14 @@ class ModelConfig:
     TPUs, at about 2^-8 relative error per product). Needs fast_conv."""
     image_group: int = 0
     """In the training loss, run the encoder and decoder on this many sequences at a time, one group
-    after another; B or more: the whole batch in one call. Same result either way. 0 measures once
-    per machine and batch shape which group is fastest (`planet_jax.autotune`, cached); with the
-    search off, 0 means 2 sequences on a CPU (less peak memory, working sets that stay in cache) and
-    the whole batch on GPUs and TPUs."""
+    after another; B or more: the whole batch in one call. Same result either way. 0 means 2
+    sequences on a CPU (less peak memory, working sets that stay in cache) and the whole batch on
+    GPUs and TPUs, unless another group, measured once per machine and batch shape
+    (`objective.image_group`, `planet_jax.autotune`, cached), is clearly faster."""
     conv_impl: str = "auto"
     """How the fast_conv layers compute their stride-2 convolutions (one of CONV_IMPLS, described in
     `planet_jax.ops`): 'auto' measures each layer's candidates once per machine and shape
-    (`planet_jax.autotune`, cached); 'default' takes 'mixed' without measuring; a formulation's name
+    (`planet_jax.autotune`, cached) and leaves 'mixed' only for one at least twice as fast; 'default' takes 'mixed' without measuring; a formulation's name
     pins it for every layer; 'conv0=taps,deconv3=conv' pins the named layers (encoder conv0..conv3,
     decoder deconv1..deconv3; deconv0, on a 1x1 input, is one matmul with the dense layer before it,
     `ops.dense_conv_transpose_1x1`) and leaves the others 'auto'. Applies in the training loss.

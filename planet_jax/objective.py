@@ -98,14 +98,22 @@ def sequence_loss(params: networks.Params, cfg: ModelConfig, loss_cfg: LossConfi
 CPU_IMAGE_GROUP = 2
 # On a CPU, groups of more images than this are not timed (one call would take seconds).
 MAX_CPU_SEARCH_IMAGES = 1024
+# A group size other than the default must save this fraction of its time: larger groups hold more
+# images' activations at once (peak memory), and the candidates run the layers' default formulations.
+IMAGE_GROUP_MIN_GAIN = 0.1
 
 
 def image_group(cfg: ModelConfig, batch: int, length: int, tuner: autotune.Tuner | None = None) -> int:
     """Sequences per encoder/decoder call in the loss for a batch of `batch` sequences of `length`
     frames: `cfg.image_group` when positive; for 0, the divisor of `batch` whose groups ran the
-    encoder and decoder (forward and gradients, layers as `ModelConfig.conv_impl` pins them or
-    'mixed') fastest per sequence on this machine (`planet_jax.autotune`, cached), or, with the
-    search off, CPU_IMAGE_GROUP on a CPU and the whole batch elsewhere."""
+    encoder and decoder body fastest on this machine (`planet_jax.autotune`, cached), or, with the
+    search off, CPU_IMAGE_GROUP on a CPU and the whole batch elsewhere.
+
+    Each candidate group size g is timed as the loss runs it: a `lax.map` over groups of g
+    sequences, forward and gradients, covering as many sequences as the largest candidate group
+    (so every candidate does about the same work, and small groups pay their loop and large groups
+    their working sets, as in the step); times are scaled to the whole batch, and the default wins
+    unless another saves IMAGE_GROUP_MIN_GAIN of its time."""
     if cfg.image_group > 0:
         return cfg.image_group
     cpu = jax.default_backend() == "cpu"
@@ -113,40 +121,46 @@ def image_group(cfg: ModelConfig, batch: int, length: int, tuner: autotune.Tuner
     default = max(g for g in range(1, min(CPU_IMAGE_GROUP, batch) + 1) if batch % g == 0) if cpu else batch
     sizes = [g for g in range(1, batch + 1) if batch % g == 0
              and (not cpu or g * length <= MAX_CPU_SEARCH_IMAGES or g == default)]
-    candidates = {str(g): functools.partial(_timed_images, cfg, g * length) for g in sizes}
+    span = max(sizes)
+    groups = {g: -(-span // g) for g in sizes}  # groups of g covering at least `span` sequences
+    candidates = {str(g): functools.partial(_timed_groups, cfg, g, groups[g], length) for g in sizes}
+    calls = {str(g): batch / (g * groups[g]) for g in sizes}
     gflop = _image_flops(cfg) * length / 1e9
     key = (f"B{batch} L{length} depth{cfg.cnn_depth} feat{cfg.feature_size} {cfg.conv_dtype} "
-           f"fast{int(cfg.fast_conv)} conv {cfg.conv_impl} decoder body")
-    calls = {str(g): batch / g for g in sizes}
+           f"fast{int(cfg.fast_conv)} conv {cfg.conv_impl} decoder body, looped")
     return int((tuner or autotune.Tuner()).choose("objective.image_group", key, candidates, str(default),
-                                                  gflop=gflop, calls=calls))
+                                                  gflop=gflop, calls=calls, min_gain=IMAGE_GROUP_MIN_GAIN))
 
 
 def _image_flops(cfg: ModelConfig) -> int:
-    """Forward FLOPs (2 * multiply-adds) of the encoder and decoder for one image."""
+    """Forward FLOPs (2 * multiply-adds) of the encoder and the decoder body (`networks.decode_body`:
+    its transposed convs after the first) for one image."""
     d = cfg.cnn_depth
     encoder = sum(2 * size * size * 16 * c_in * c_out for size, c_in, c_out in
                   ((31, 3, d), (14, d, 2 * d), (6, 2 * d, 4 * d), (2, 4 * d, 8 * d)))
-    decoder = 2 * cfg.feature_size * 32 * d + sum(
-        2 * size * size * k * k * c_in * c_out for size, k, c_in, c_out in
-        ((1, 5, 32 * d, 4 * d), (5, 5, 4 * d, 2 * d), (13, 6, 2 * d, d), (30, 6, d, 3)))
+    decoder = sum(2 * size * size * k * k * c_in * c_out for size, k, c_in, c_out in
+                  ((5, 5, 4 * d, 2 * d), (13, 6, 2 * d, d), (30, 6, d, 3)))
     return encoder + decoder
 
 
-def _timed_images(cfg: ModelConfig, images: int) -> Callable[[], Any]:
-    """An autotune candidate: what `loss_fn` runs per group (encoder, decoder body), forward and
-    gradients (parameters and the decoder head's output), on `images` random images, compiled with
-    the conv layers 'mixed' unless cfg pins them."""
+def _timed_groups(cfg: ModelConfig, group: int, groups: int, length: int) -> Callable[[], Any]:
+    """An autotune candidate: what `loss_fn` runs on images, per group (encoder, decoder body) in a
+    `lax.map` over `groups` groups of `group` sequences of `length` random frames, forward and
+    gradients (parameters and the decoder head's output), compiled with the conv layers as cfg pins
+    them, or their defaults for 'auto' (so timing a group does not first search its layers)."""
     kp, ko, kf = jax.random.split(jax.random.PRNGKey(0), 3)
     mods = networks.modules(cfg)
-    o = jax.random.uniform(ko, (images, 64, 64, 3), minval=-0.5, maxval=0.5)
-    head = jax.random.normal(kf, (images, 5, 5, 4 * cfg.cnn_depth))
-    params = {"encoder": mods["encoder"].init(kp, o[:1])["params"],
+    o = jax.random.uniform(ko, (groups, group * length, 64, 64, 3), minval=-0.5, maxval=0.5)
+    head = jax.random.normal(kf, (groups, group * length, 5, 5, 4 * cfg.cnn_depth))
+    params = {"encoder": mods["encoder"].init(kp, o[0, :1])["params"],
               "decoder": mods["decoder"].init(kp, jnp.zeros((1, cfg.feature_size)))["params"]}
 
     def loss(p, head):
-        e = networks.encode(p, cfg, o)
-        return jnp.sum(jnp.square(networks.decode_body(p, cfg, head) - o)) + jnp.sum(jnp.square(e))
+        def one(xs):
+            o, head = xs
+            e = networks.encode(p, cfg, o)
+            return jnp.sum(jnp.square(networks.decode_body(p, cfg, head) - o)) + jnp.sum(jnp.square(e))
+        return jnp.sum(jax.lax.map(one, (o, head)))
 
     with ops.conv_impl_scope("default" if cfg.conv_impl == "auto" else cfg.conv_impl):
         grads = jax.jit(jax.grad(loss, (0, 1))).lower(params, head).compile()

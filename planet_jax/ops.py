@@ -82,6 +82,11 @@ _MAX_CONV_CHANNELS = 256
 #           im2col or taps, whichever copies the narrower of input and output.
 # 'mixed' is the default when nothing is measured; `layer_impl` measures (planet_jax.autotune).
 DEFAULT_CONV_IMPL = "mixed"
+# A layer leaves DEFAULT_CONV_IMPL only for a formulation that takes at most half its time: layers
+# are timed alone, and inside the training step formulations clearly faster alone made the step
+# slower (docs/performance_speed.md), while the gaps that matter (XLA's own conv against the
+# reformulations, on a CPU or an accelerator) are many-fold.
+_LAYER_MIN_GAIN = 0.5
 # Calls of a layer per timed candidate, run as a loop (see `_timed_layer`).
 _LOOP_GROUPS = 2
 # The enclosing `conv_impl_scope`'s spec (ModelConfig.conv_impl syntax), read when a layer is traced.
@@ -458,7 +463,8 @@ def layer_impl(op: Callable, name: str | None, x_shape: tuple[int, ...], kernel_
     """The formulation (one of CONV_IMPLS) of layer `name` computing op (`conv_s2` or
     `conv_transpose_s2`) on x (..., H, W, I) with a (k, k, I, O) kernel: as pinned by the enclosing
     `conv_impl_scope`, else measured once per machine and shape (forward and both gradients; see
-    planet_jax.autotune) and cached, else (search off, or too little work to time) 'mixed'.
+    planet_jax.autotune; 'mixed' unless another takes at most half its time) and cached, else
+    (search off, or too little work to time) 'mixed'.
     Candidates are timed as _LOOP_GROUPS calls of the layer in a loop (`_timed_layer`)."""
     x_shape = (math.prod(x_shape[:-3]),) + tuple(x_shape[-3:])
     k, _, c_in, c_out = kernel_shape
@@ -472,7 +478,7 @@ def layer_impl(op: Callable, name: str | None, x_shape: tuple[int, ...], kernel_
                   for impl in CONV_IMPLS}
     pin = conv_impl_pin(_CONV_IMPL_PIN.get(), name or "")
     return (tuner or autotune.Tuner()).choose(f"ops.{op.__name__}", key, candidates, DEFAULT_CONV_IMPL,
-                                              pin, gflop)
+                                              pin, gflop, min_gain=_LAYER_MIN_GAIN)
 
 
 def _timed_layer(op: Callable, impl: str, x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
