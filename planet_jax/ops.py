@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import inspect
 import math
 from typing import Callable, ClassVar
 
@@ -521,7 +522,7 @@ class _Stride2Layer(nn.Module):
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)
         if not self.fast:
             return type(self)._plain_op(x, kernel, bias)
-        op = type(self)._fast_op
+        op = inspect.unwrap(type(self)._fast_op)  # flax wraps functions stored on Module classes
         impl = layer_impl(op, self.name, x.shape, kernel.shape, self.dtype)
         return op(x, kernel, bias, self.dtype, impl)
 

@@ -181,6 +181,29 @@ def test_pinned_conv_formulations_give_the_same_encoder_and_decoder(tmp_path, mo
         np.testing.assert_allclose(image, results["xla"][1], atol=1e-5, rtol=1e-5, err_msg=spec)
 
 
+def test_layers_report_their_work_to_the_search(monkeypatch):
+    # The work per call gates the search: each layer's GFLOP, from its output positions.
+    seen = {}
+
+    def choose(self, op, key, candidates, default, pin="auto", gflop=None, calls=None, min_gain=0.0):
+        seen[key] = gflop
+        return default
+    monkeypatch.setattr(autotune.Tuner, "choose", choose)
+    from planet_jax import networks
+    cfg = config.paper().model
+    mods = networks.modules(cfg)
+    mods["encoder"].init(jax.random.PRNGKey(0), jnp.zeros((3, 64, 64, 3)))
+    mods["decoder"].init(jax.random.PRNGKey(0), jnp.zeros((3, cfg.feature_size)))
+    d = cfg.cnn_depth
+    want = {f"x3x{size}x{size}x{c_in} k{k} o{c_out} float32": 2 * 3 * out * out * k * k * c_in * c_out / 1e9
+            for size, out, k, c_in, c_out in ((64, 31, 4, 3, d), (31, 14, 4, d, 2 * d), (14, 6, 4, 2 * d, 4 * d),
+                                              (6, 2, 4, 4 * d, 8 * d), (5, 5, 5, 4 * d, 2 * d),
+                                              (13, 13, 6, 2 * d, d), (30, 30, 6, d, 3))}
+    assert seen.keys() == want.keys()
+    for key, gflop in want.items():
+        assert seen[key] == pytest.approx(gflop), key
+
+
 def test_image_group_is_the_fastest_over_the_same_sequences_or_the_pin(tmp_path, monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     cfg = tiny_model()
@@ -206,16 +229,16 @@ def test_image_group_is_the_fastest_over_the_same_sequences_or_the_pin(tmp_path,
 
 def test_image_group_candidate_is_the_loss_image_work_over_groups():
     cfg = tiny_model()
-    grads, head_grad = objective._timed_groups(cfg, 2, 3, 4)()
-    # 3 groups of 2 sequences of 4 frames; the head's layers are outside the group, so their
+    grads, head_grad = objective._timed_groups(cfg, 1, 3, 2)()
+    # 3 groups of 1 sequence of 2 frames; the head's layers are outside the group, so their
     # gradients are zero and the body's are not.
-    assert head_grad.shape == (3, 8, 5, 5, 4 * cfg.cnn_depth)
+    assert head_grad.shape == (3, 2, 5, 5, 4 * cfg.cnn_depth)
     assert not np.any(grads["decoder"]["dense"]["kernel"]) and np.any(grads["decoder"]["deconv1"]["kernel"])
     # The grouped loop's gradients are those of the same images in one call (recomputed here).
     from planet_jax import networks
     kp, ko, kf = jax.random.split(jax.random.PRNGKey(0), 3)
-    o = jax.random.uniform(ko, (3, 8, 64, 64, 3), minval=-0.5, maxval=0.5).reshape(24, 64, 64, 3)
-    head = jax.random.normal(kf, (3, 8, 5, 5, 4 * cfg.cnn_depth)).reshape(24, 5, 5, 4 * cfg.cnn_depth)
+    o = jax.random.uniform(ko, (3, 2, 64, 64, 3), minval=-0.5, maxval=0.5).reshape(6, 64, 64, 3)
+    head = jax.random.normal(kf, (3, 2, 5, 5, 4 * cfg.cnn_depth)).reshape(6, 5, 5, 4 * cfg.cnn_depth)
     mods = networks.modules(cfg)
     params = {"encoder": mods["encoder"].init(kp, o[:1])["params"],
               "decoder": mods["decoder"].init(kp, jnp.zeros((1, cfg.feature_size)))["params"]}
@@ -223,7 +246,7 @@ def test_image_group_candidate_is_the_loss_image_work_over_groups():
     def whole(p, head):
         return (jnp.sum(jnp.square(networks.decode_body(p, cfg, head) - o))
                 + jnp.sum(jnp.square(networks.encode(p, cfg, o))))
-    want, want_head = jax.grad(whole, (0, 1))(params, head)
+    want, want_head = jax.jit(jax.grad(whole, (0, 1)))(params, head)
     np.testing.assert_allclose(head_grad.reshape(want_head.shape), want_head, rtol=1e-4, atol=1e-5)
     for path, g in jax.tree_util.tree_leaves_with_path(want):
         got = dict(jax.tree_util.tree_leaves_with_path(grads))[path]
