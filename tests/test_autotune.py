@@ -192,8 +192,8 @@ def test_layers_report_their_work_to_the_search(monkeypatch):
     from planet_jax import networks
     cfg = config.paper().model
     mods = networks.modules(cfg)
-    mods["encoder"].init(jax.random.PRNGKey(0), jnp.zeros((3, 64, 64, 3)))
-    mods["decoder"].init(jax.random.PRNGKey(0), jnp.zeros((3, cfg.feature_size)))
+    jax.eval_shape(mods["encoder"].init, jax.random.PRNGKey(0), jnp.zeros((3, 64, 64, 3)))
+    jax.eval_shape(mods["decoder"].init, jax.random.PRNGKey(0), jnp.zeros((3, cfg.feature_size)))
     d = cfg.cnn_depth
     want = {f"x3x{size}x{size}x{c_in} k{k} o{c_out} float32": 2 * 3 * out * out * k * k * c_in * c_out / 1e9
             for size, out, k, c_in, c_out in ((64, 31, 4, 3, d), (31, 14, 4, d, 2 * d), (14, 6, 4, 2 * d, 4 * d),
