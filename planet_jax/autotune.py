@@ -127,7 +127,9 @@ class Tuner:
         return the fastest, see below), 'default' (`default` without measuring), or a candidate's name
         (returned as is). `default` is also taken when searching is off or `gflop` (work per call)
         is below MIN_SEARCH_GFLOP. calls: how many calls of each candidate the op needs (default 1);
-        the least total time wins.
+        the least total time wins if it is at most (1 - min_gain) times the default's, else the
+        default: where candidates are timed apart from the computation they serve, small measured
+        gains need not carry over, so such ops ask for a margin.
         Raises ValueError naming the choices for a pin or default that is not a candidate.
         Measuring runs in a worker thread, so this may be called while jax traces a function.
         """

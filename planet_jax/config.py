@@ -58,9 +58,10 @@ class ModelConfig:
     conv_impl: str = "auto"
     """How the fast_conv layers compute their stride-2 convolutions (one of CONV_IMPLS, described in
     `planet_jax.ops`): 'auto' measures each layer's candidates once per machine and shape
-    (`planet_jax.autotune`, cached) and leaves 'mixed' only for one at least twice as fast; 'default' takes 'mixed' without measuring; a formulation's name
-    pins it for every layer; 'conv0=taps,deconv3=conv' pins the named layers (encoder conv0..conv3,
-    decoder deconv1..deconv3; deconv0, on a 1x1 input, is one matmul with the dense layer before it,
+    (`planet_jax.autotune`, cached) and leaves 'mixed' only for one at least twice as fast;
+    'default' takes 'mixed' without measuring; a formulation's name pins it for every layer;
+    'conv0=taps,deconv3=conv' pins the named layers (encoder conv0..conv3, decoder deconv1..deconv3;
+    deconv0, on a 1x1 input, is one matmul with the dense layer before it,
     `ops.dense_conv_transpose_1x1`) and leaves the others 'auto'. Applies in the training loss.
     Same result every way, to float32 rounding."""
 
