@@ -123,7 +123,8 @@ def image_group(cfg: ModelConfig, batch: int, length: int, tuner: autotune.Tuner
              and (not cpu or g * length <= MAX_CPU_SEARCH_IMAGES or g == default)]
     span = max(sizes)
     groups = {g: -(-span // g) for g in sizes}  # groups of g covering at least `span` sequences
-    candidates = {str(g): functools.partial(_timed_groups, cfg, g, groups[g], length) for g in sizes}
+    params = functools.cache(functools.partial(_image_params, cfg))  # drawn once, if the search runs
+    candidates = {str(g): functools.partial(_timed_groups, cfg, g, groups[g], length, params) for g in sizes}
     calls = {str(g): batch / (g * groups[g]) for g in sizes}
     gflop = _image_flops(cfg) * length / 1e9
     key = (f"B{batch} L{length} depth{cfg.cnn_depth} feat{cfg.feature_size} {cfg.conv_dtype} "
@@ -143,17 +144,26 @@ def _image_flops(cfg: ModelConfig) -> int:
     return encoder + decoder
 
 
-def _timed_groups(cfg: ModelConfig, group: int, groups: int, length: int) -> Callable[[], Any]:
+def _image_params(cfg: ModelConfig) -> networks.Params:
+    """Random encoder and decoder parameters, {'encoder', 'decoder'}, to time candidates with.
+    Initialised under jit: flax's init run op by op takes seconds at the paper's sizes."""
+    mods = networks.modules(cfg)
+    key = jax.random.PRNGKey(0)
+    return {"encoder": jax.jit(mods["encoder"].init)(key, jnp.zeros((1, 64, 64, 3)))["params"],
+            "decoder": jax.jit(mods["decoder"].init)(key, jnp.zeros((1, cfg.feature_size)))["params"]}
+
+
+def _timed_groups(cfg: ModelConfig, group: int, groups: int, length: int,
+                  params: Callable[[], networks.Params]) -> Callable[[], Any]:
     """An autotune candidate: what `loss_fn` runs on images, per group (encoder, decoder body) in a
     `lax.map` over `groups` groups of `group` sequences of `length` random frames, forward and
     gradients (parameters and the decoder head's output), compiled with the conv layers as cfg pins
-    them, or their defaults for 'auto' (so timing a group does not first search its layers)."""
-    kp, ko, kf = jax.random.split(jax.random.PRNGKey(0), 3)
-    mods = networks.modules(cfg)
+    them, or their defaults for 'auto' (so timing a group does not first search its layers).
+    params() gives the encoder and decoder parameters (`_image_params`, shared by the candidates)."""
+    ko, kf = jax.random.split(jax.random.PRNGKey(1))
     o = jax.random.uniform(ko, (groups, group * length, 64, 64, 3), minval=-0.5, maxval=0.5)
     head = jax.random.normal(kf, (groups, group * length, 5, 5, 4 * cfg.cnn_depth))
-    params = {"encoder": mods["encoder"].init(kp, o[0, :1])["params"],
-              "decoder": mods["decoder"].init(kp, jnp.zeros((1, cfg.feature_size)))["params"]}
+    params = params()
 
     def loss(p, head):
         def one(xs):
