@@ -57,10 +57,11 @@ class ModelConfig:
     (`objective.image_group`, `planet_jax.autotune`, cached), is clearly faster."""
     conv_impl: str = "auto"
     """How the fast_conv layers compute their stride-2 convolutions (one of CONV_IMPLS, described in
-    `planet_jax.ops`): 'auto' measures each layer's candidates once per machine and shape
-    (`planet_jax.autotune`, cached) and leaves 'mixed' only for one at least twice as fast;
-    'default' takes 'mixed' without measuring; a formulation's name pins it for every layer;
-    'conv0=taps,deconv3=conv' pins the named layers (encoder conv0..conv3, decoder deconv1..deconv3;
+    `planet_jax.ops`): 'auto' measures each layer's candidates once per machine and shape, the
+    forward pass and the gradients apart (`planet_jax.autotune`, cached), and leaves 'mixed' only
+    for one at least twice as fast; 'default' takes 'mixed' without measuring; a formulation's name
+    pins it for every layer, and 'conv/auto' (forward/gradients) each pass apart;
+    'conv0=taps,deconv3=conv/mixed' pins the named layers (encoder conv0..conv3, decoder deconv1..deconv3;
     deconv0, on a 1x1 input, is one matmul with the dense layer before it,
     `ops.dense_conv_transpose_1x1`) and leaves the others 'auto'. Applies in the training loss.
     Same result every way, to float32 rounding."""
@@ -243,17 +244,22 @@ def _check_types(cfg: Config) -> None:
 
 
 def conv_impl_pin(spec: str, layer: str) -> str:
-    """What `ModelConfig.conv_impl` = spec says for the layer named `layer` ('auto', 'default' or one
-    of CONV_IMPLS). Raises ValueError naming the choices if spec is malformed."""
+    """What `ModelConfig.conv_impl` = spec says for the layer named `layer`: 'auto', 'default', one
+    of CONV_IMPLS, or two of those as 'forward/gradients' (e.g. 'conv/auto'). Raises ValueError
+    naming the choices if spec is malformed."""
     words = _CHOICE_WORDS + CONV_IMPLS
-    if spec in words:
+
+    def choice(value: str) -> bool:  # 'taps', or 'forward/gradients' as in 'conv/auto'
+        return all(part in words for part in value.split("/", 1))
+    if choice(spec):
         return spec
     pins = {}
     for item in spec.split(","):
         name, sep, impl = (part.strip() for part in item.partition("="))
-        if not sep or not name or impl not in words:
-            raise ValueError(f"model.conv_impl must be one of {', '.join(words)} or 'layer=choice,...' "
-                             f"(e.g. conv0=taps,deconv3=conv), got {spec!r}")
+        if not sep or not name or not choice(impl):
+            raise ValueError(f"model.conv_impl must be one of {', '.join(words)}, two of them as "
+                             f"'forward/gradients', or 'layer=choice,...' (e.g. conv0=taps,deconv3=conv/auto), "
+                             f"got {spec!r}")
         pins[name] = impl
     return pins.get(layer, "auto")
 

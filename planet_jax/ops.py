@@ -20,8 +20,9 @@ all taps side by side, whose per-tap outputs are then shifted and summed; or XLA
 narrow layers. The first copies a * b input windows, the second slices them for its matmuls, the
 third copies a * b outputs instead, so which is fastest depends on the channels in and out. Which
 of these formulations (config.CONV_IMPLS, XLA's own strided op among them) each layer uses is
-measured once per machine and shape (`layer_impl`, planet_jax.autotune), since the fastest differs
-between CPUs and between CPUs and accelerators. Everything is pure jnp/lax, so it
+measured once per machine and shape (`layer_impl`, planet_jax.autotune), for the forward pass and
+the gradients apart ('f/b': `_two_pass`), since the fastest differs between CPUs, between CPUs and
+accelerators, and between the passes. Everything is pure jnp/lax, so it
 also runs (and differentiates) on GPU/TPU.
 
 `dtype` ('float32' or 'bfloat16') is the operand type of every matmul in both passes; products are
@@ -48,7 +49,7 @@ import contextvars
 import functools
 import inspect
 import math
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 import flax.linen as nn
 import jax
@@ -80,7 +81,8 @@ _MAX_CONV_CHANNELS = 256
 #   outer   the reformulation, each correlation as one matmul of the input with every tap's weights
 #           side by side, then the taps' outputs shifted into place and summed;
 #   mixed   the reformulation, per correlation: conv when narrow (_MAX_CONV_CHANNELS), otherwise
-#           im2col or taps, whichever copies the narrower of input and output.
+#           im2col or taps, whichever copies the narrower of input and output;
+#   'f/b'   (two of the above) formulation f in the forward pass, b in the gradients.
 # 'mixed' is the default when nothing is measured; `layer_impl` measures (planet_jax.autotune).
 DEFAULT_CONV_IMPL = "mixed"
 # A layer leaves DEFAULT_CONV_IMPL only for a formulation that takes at most half its time: layers
@@ -240,10 +242,15 @@ def _check_dtype(dtype: str) -> str:
     return dtype
 
 
-def _check_impl(impl: str) -> str:
-    if impl not in CONV_IMPLS:
-        raise ValueError(f"conv impl must be one of {', '.join(CONV_IMPLS)}, got {impl!r}")
-    return impl
+def _passes(impl: str) -> tuple[str, str]:
+    """impl 'f' or 'f/b' -> (forward formulation, gradients' formulation), each one of CONV_IMPLS.
+    Raises ValueError otherwise."""
+    fwd, sep, bwd = impl.partition("/")
+    passes = (fwd, bwd if sep else fwd)
+    if not all(p in CONV_IMPLS for p in passes):
+        raise ValueError(f"conv impl must be one of {', '.join(CONV_IMPLS)}, or two of them as "
+                         f"'forward/gradients', got {impl!r}")
+    return passes
 
 
 def _check_kernel(x: jax.Array, kernel: jax.Array, k_ok: bool, requirement: str) -> None:
@@ -355,17 +362,21 @@ def conv_transpose_s2(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = 
     """Stride-2 VALID transposed conv, equal to flax's `ConvTranspose(O, (k, k), (2, 2), 'VALID')`.
 
     x: (..., H, W, I) NHWC; kernel: (k, k, I, O) in flax's layout and convention; bias: (O,) or None;
-    dtype: the matmuls' operand type (see the module docstring); impl: one of CONV_IMPLS. The
-    result is float32, (..., 2(H - 1) + k, 2(W - 1) + k, O). Differentiable by reverse mode (a
-    custom VJP that is itself differentiable); forward-mode (jvp) is defined only for impl 'xla'.
+    dtype: the matmuls' operand type (see the module docstring); impl: one of CONV_IMPLS, or 'f/b'
+    for f in the forward pass and b in the gradients. The result is float32, (..., 2(H - 1) + k,
+    2(W - 1) + k, O). Differentiable by reverse mode (a custom VJP that is itself differentiable);
+    forward-mode (jvp) is defined only for impl 'xla'.
     Raises ValueError for a kernel that is not (k, k, I, O) with k >= 2, or an unknown dtype or impl.
     """
     # k = 1 is excluded: flax pads its output to 2H there (VALID keeps max(k, stride) per input).
     _check_kernel(x, kernel, kernel.shape[0] >= 2, "k >= 2")
-    dtype, impl = _check_dtype(dtype), _check_impl(impl)
-    if impl == "xla":
+    dtype, (fwd, bwd) = _check_dtype(dtype), _passes(impl)
+    if fwd != bwd:
+        return _apply(functools.partial(_two_pass, op=conv_transpose_s2, dtype=dtype, fwd=fwd, bwd=bwd),
+                      x, kernel, bias)
+    if fwd == "xla":
         return conv_transpose_s2_plain(x, kernel, bias)
-    return _apply(functools.partial(_conv_transpose_s2, dtype=dtype, impl=impl), x, kernel, bias)
+    return _apply(functools.partial(_conv_transpose_s2, dtype=dtype, impl=fwd), x, kernel, bias)
 
 
 def conv_transpose_s2_plain(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
@@ -417,15 +428,17 @@ def conv_s2(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
     x: (..., H, W, I) NHWC; kernel: (k, k, I, O) with k even; bias: (O,) or None. Returns
     (..., (H - k) // 2 + 1, (W - k) // 2 + 1, O). y[m, n] = sum_{p, q} x[2m + p, 2n + q] @ w[p, q]:
     with p = 2i + r this is a stride-1 correlation of space-to-depth(x) with (k/2)^2 taps, formulated
-    as `impl` says (one of CONV_IMPLS; 'xla' is flax's op), with `dtype` operands in the matmuls of
-    both passes (the result is float32). Raises ValueError for a kernel that is not (k, k, I, O)
-    with k even, or an unknown dtype or impl.
+    as `impl` says (one of CONV_IMPLS, 'xla' being flax's op, or 'f/b' as in `conv_transpose_s2`),
+    with `dtype` operands in the matmuls of both passes (the result is float32). Raises ValueError
+    for a kernel that is not (k, k, I, O) with k even, or an unknown dtype or impl.
     """
     _check_kernel(x, kernel, kernel.shape[0] % 2 == 0, "k even")
-    dtype, impl = _check_dtype(dtype), _check_impl(impl)
-    if impl == "xla":
+    dtype, (fwd, bwd) = _check_dtype(dtype), _passes(impl)
+    if fwd != bwd:
+        return _apply(functools.partial(_two_pass, op=conv_s2, dtype=dtype, fwd=fwd, bwd=bwd), x, kernel, bias)
+    if fwd == "xla":
         return conv_s2_plain(x, kernel, bias)
-    return _apply(lambda x, kernel: _conv_s2(x, kernel, dtype, impl), x, kernel, bias)
+    return _apply(lambda x, kernel: _conv_s2(x, kernel, dtype, fwd), x, kernel, bias)
 
 
 # Rematerialised: the backward keeps only x and the kernel, and rebuilds the shifted windows (the
@@ -446,11 +459,31 @@ def conv_s2_plain(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None
     return _apply(op, x, kernel, bias)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _two_pass(x: jax.Array, kernel: jax.Array, op: Callable, dtype: str, fwd: str, bwd: str) -> jax.Array:
+    """op(x, kernel) computed in formulation `fwd`, its gradients as formulation `bwd` computes them.
+    Every formulation computes the same linear map of x (and of the kernel), so the pair does too;
+    the backward reads only x and the kernel, whatever the forward did."""
+    return op(x, kernel, None, dtype, fwd)
+
+
+def _two_pass_fwd(x, kernel, op, dtype, fwd, bwd):
+    return op(x, kernel, None, dtype, fwd), (x, kernel)
+
+
+def _two_pass_bwd(op, dtype, fwd, bwd, res, g):
+    return jax.vjp(lambda x, kernel: op(x, kernel, None, dtype, bwd), *res)[1](g)
+
+
+_two_pass.defvjp(_two_pass_fwd, _two_pass_bwd)
+
+
 @contextlib.contextmanager
 def conv_impl_scope(spec: str):
     """Within this block, fast stride-2 layers take the formulation `spec` pins (the syntax of
-    `ModelConfig.conv_impl`: 'auto', 'default', one of CONV_IMPLS, or 'conv0=taps,deconv3=conv,...'
-    by layer name, unnamed layers 'auto'). Raises ValueError for a malformed spec."""
+    `ModelConfig.conv_impl`: 'auto', 'default', one of CONV_IMPLS, 'forward/gradients' pairs of
+    those, or 'conv0=taps,deconv3=conv/auto,...' by layer name, unnamed layers 'auto'). Raises
+    ValueError for a malformed spec."""
     conv_impl_pin(spec, "")  # validates
     token = _CONV_IMPL_PIN.set(spec)
     try:
@@ -461,12 +494,14 @@ def conv_impl_scope(spec: str):
 
 def layer_impl(op: Callable, name: str | None, x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
                dtype: str, tuner: autotune.Tuner | None = None) -> str:
-    """The formulation (one of CONV_IMPLS) of layer `name` computing op (`conv_s2` or
-    `conv_transpose_s2`) on x (..., H, W, I) with a (k, k, I, O) kernel: as pinned by the enclosing
-    `conv_impl_scope`, else measured once per machine and shape (forward and both gradients; see
-    planet_jax.autotune; 'mixed' unless another takes at most half its time) and cached, else
-    (search off, or too little work to time) 'mixed'.
-    Candidates are timed as _LOOP_GROUPS calls of the layer in a loop (`_timed_layer`)."""
+    """The formulation of layer `name` computing op (`conv_s2` or `conv_transpose_s2`) on x
+    (..., H, W, I) with a (k, k, I, O) kernel: one of CONV_IMPLS, or 'f/b' for formulation f in the
+    forward pass and b in the gradients. Each pass is as pinned by the enclosing `conv_impl_scope`,
+    else measured once per machine and shape (planet_jax.autotune; 'mixed' unless another takes at
+    most half its time) and cached, else (search off, or too little work to time) 'mixed'. The
+    passes are timed apart (`_timed_layer`), since the fastest differs between them: XLA:CPU's
+    stride-1 conv runs some forward correlations far faster than any matmul form and their
+    gradients far slower."""
     x_shape = (math.prod(x_shape[:-3]),) + tuple(x_shape[-3:])
     k, _, c_in, c_out = kernel_shape
     if op is conv_s2:
@@ -475,25 +510,44 @@ def layer_impl(op: Callable, name: str | None, x_shape: tuple[int, ...], kernel_
         positions = x_shape[1] * x_shape[2]
     gflop = 2 * x_shape[0] * positions * k * k * c_in * c_out / 1e9
     key = f"x{'x'.join(map(str, x_shape))} k{k} o{c_out} {dtype}"
-    candidates = {impl: functools.partial(_timed_layer, op, impl, x_shape, tuple(kernel_shape), dtype)
-                  for impl in CONV_IMPLS}
-    pin = conv_impl_pin(_CONV_IMPL_PIN.get(), name or "")
-    return (tuner or autotune.Tuner()).choose(f"ops.{op.__name__}", key, candidates, DEFAULT_CONV_IMPL,
-                                              pin, gflop, min_gain=_LAYER_MIN_GAIN)
+    pins = _passes_pin(conv_impl_pin(_CONV_IMPL_PIN.get(), name or ""))
+    tuner = tuner or autotune.Tuner()
+    chosen = []
+    for pass_, pin, work in zip(_PASSES, pins, (gflop, 2 * gflop)):
+        candidates = {impl: functools.partial(_timed_layer, op, impl, pass_, x_shape, tuple(kernel_shape), dtype)
+                      for impl in CONV_IMPLS}
+        chosen.append(tuner.choose(f"ops.{op.__name__}", f"{key} {pass_}", candidates, DEFAULT_CONV_IMPL,
+                                   pin, work, min_gain=_LAYER_MIN_GAIN))
+    fwd, bwd = chosen
+    return fwd if fwd == bwd else f"{fwd}/{bwd}"
 
 
-def _timed_layer(op: Callable, impl: str, x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
-                 dtype: str) -> Callable[[], tuple[jax.Array, jax.Array]]:
-    """An autotune candidate: the layer's forward and both gradients (as in a training step) on
-    random inputs of the given shapes, as the body of a loop over LOOP_GROUPS groups (the loss maps
-    over groups of sequences): XLA:CPU runs some convolutions (its strided conv's gradients) far
-    slower inside a loop body than alone, so a candidate timed alone could win and then lose."""
+_PASSES = ("forward", "gradients")
+
+
+def _passes_pin(pin: str) -> tuple[str, str]:
+    """A layer's pin ('auto', 'default', an impl, or 'f/b' of those) -> (forward pin, gradients pin)."""
+    fwd, sep, bwd = pin.partition("/")
+    return fwd, bwd if sep else fwd
+
+
+def _timed_layer(op: Callable, impl: str, pass_: str, x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
+                 dtype: str) -> Callable[[], Any]:
+    """An autotune candidate: one pass of the layer in formulation `impl` on random inputs of the
+    given shapes, 'forward' (the output) or 'gradients' (both input gradients from a random output
+    gradient; nothing of the forward is computed, since every formulation's backward reads only x
+    and the kernel), as the body of a loop over _LOOP_GROUPS groups (the loss maps over groups of
+    sequences): XLA:CPU runs some convolutions (its strided conv's gradients) far slower inside a
+    loop body than alone, so a candidate timed alone could win and then lose."""
     kx, kk, kg = jax.random.split(jax.random.PRNGKey(0), 3)
     x = jax.random.normal(kx, (_LOOP_GROUPS,) + x_shape)
     kernel = jax.random.normal(kk, kernel_shape) / kernel_shape[0]
-    y_shape = jax.eval_shape(lambda x, w: op(x, w, None, dtype, impl), x[0], kernel).shape
-    g = jax.random.normal(kg, (_LOOP_GROUPS,) + y_shape)
-    vjp = lambda x, w, g: jax.vjp(lambda x, w: op(x, w, None, dtype, impl), x, w)[1](g)
+    fn = lambda x, w: op(x, w, None, dtype, impl)
+    if pass_ == "forward":
+        run = jax.jit(lambda x, w: jax.lax.map(lambda x: fn(x, w), x))
+        return lambda: jax.block_until_ready(run(x, kernel))
+    g = jax.random.normal(kg, (_LOOP_GROUPS,) + jax.eval_shape(fn, x[0], kernel).shape)
+    vjp = lambda x, w, g: jax.vjp(fn, x, w)[1](g)
     grads = jax.jit(lambda x, w, g: jax.lax.map(lambda xg: vjp(xg[0], w, xg[1]), (x, g)))
     return lambda: jax.block_until_ready(grads(x, kernel, g))
 

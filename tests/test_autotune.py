@@ -165,6 +165,29 @@ def test_conv_layers_take_the_measured_or_pinned_formulation(tmp_path):
             pass
 
 
+def test_conv_layer_passes_are_measured_and_pinned_apart(tmp_path):
+    # The forward and the gradients each take their own fastest formulation (by half a default's time).
+    seconds = {"forward": {"mixed": 4.0, "xla": 9.0, "conv": 1.0, "im2col": 3.0, "taps": 5.0, "outer": 6.0},
+               "gradients": {"mixed": 4.0, "xla": 9.0, "conv": 8.0, "im2col": 3.0, "taps": 1.5, "outer": 6.0}}
+    timed = []
+
+    def timer(name, build):  # build: functools.partial(_timed_layer, op, impl, pass, ...)
+        timed.append(build.args[1:3])
+        return seconds[build.args[2]][name]
+    args = (ops.conv_transpose_s2, "deconv2", (64, 13, 13, 16), (6, 6, 16, 8), "float32")
+    assert ops.layer_impl(*args, tuner=tuner(tmp_path, timer)) == "conv/taps"
+    assert sorted(timed) == sorted((impl, p) for p in ops._PASSES for impl in config.CONV_IMPLS)
+    assert ops.layer_impl(*args, tuner=tuner(tmp_path, never_timed)) == "conv/taps"  # cached
+    with ops.conv_impl_scope("deconv2=xla/auto"):
+        assert ops.layer_impl(*args, tuner=tuner(tmp_path, never_timed)) == "xla/taps"
+    with ops.conv_impl_scope("im2col/default"):
+        assert ops.layer_impl(*args, tuner=tuner(tmp_path, never_timed)) == "im2col/mixed"
+    with ops.conv_impl_scope("taps/taps"):
+        assert ops.layer_impl(*args, tuner=tuner(tmp_path, never_timed)) == "taps"
+    seconds["gradients"]["taps"] = 2.5  # saves less than half of mixed's time: mixed stays
+    assert ops.layer_impl(*args, tuner=tuner(tmp_path / "fresh", timer)) == "conv/mixed"
+
+
 def test_pinned_conv_formulations_give_the_same_encoder_and_decoder(tmp_path, monkeypatch):
     monkeypatch.setenv(autotune.ENV_CACHE_DIR, str(tmp_path))
     cfg = tiny_model()
@@ -173,7 +196,7 @@ def test_pinned_conv_formulations_give_the_same_encoder_and_decoder(tmp_path, mo
     o = jax.random.uniform(jax.random.PRNGKey(1), (2, 64, 64, 3), minval=-0.5, maxval=0.5)
     feat = jax.random.normal(jax.random.PRNGKey(2), (2, cfg.feature_size))
     results = {}
-    for spec in config.CONV_IMPLS:
+    for spec in config.CONV_IMPLS + ("conv/taps", "deconv2=xla/im2col,conv1=outer/conv"):
         with ops.conv_impl_scope(spec):
             results[spec] = (networks.encode(params, cfg, o), networks.decode(params, cfg, feat))
     for spec, (e, image) in results.items():
@@ -199,9 +222,11 @@ def test_layers_report_their_work_to_the_search(monkeypatch):
             for size, out, k, c_in, c_out in ((64, 31, 4, 3, d), (31, 14, 4, d, 2 * d), (14, 6, 4, 2 * d, 4 * d),
                                               (6, 2, 4, 4 * d, 8 * d), (5, 5, 5, 4 * d, 2 * d),
                                               (13, 13, 6, 2 * d, d), (30, 30, 6, d, 3))}
-    assert seen.keys() == want.keys()
+    # Each layer's forward pass and its gradients (twice the forward's work) are searched apart.
+    assert seen.keys() == {f"{key} {p}" for key in want for p in ("forward", "gradients")}
     for key, gflop in want.items():
-        assert seen[key] == pytest.approx(gflop), key
+        assert seen[f"{key} forward"] == pytest.approx(gflop), key
+        assert seen[f"{key} gradients"] == pytest.approx(2 * gflop), key
 
 
 def test_image_group_is_the_fastest_over_the_same_sequences_or_the_pin(tmp_path, monkeypatch):
@@ -270,12 +295,24 @@ def test_plan_batching_measured_pinned_or_default(tmp_path, monkeypatch):
 
 
 def test_config_rejects_unknown_choices():
-    for item in ("model.conv_impl=fastest", "model.conv_impl=conv0", "planner.batching=pmap"):
+    for item in ("model.conv_impl=fastest", "model.conv_impl=conv0", "planner.batching=pmap",
+                 "model.conv_impl=conv/fastest", "model.conv_impl=conv0=taps/", "model.conv_impl=conv/taps/xla"):
         with pytest.raises(ValueError, match="conv_impl|batching"):
             config.override(config.tiny(), [item]).validate()
-    config.override(config.tiny(), ["model.conv_impl=conv0=taps,deconv3=xla", "planner.batching=vmap"]).validate()
+    config.override(config.tiny(), ["model.conv_impl=conv0=taps,deconv3=conv/auto", "planner.batching=vmap"]).validate()
+    config.override(config.tiny(), ["model.conv_impl=xla/default"]).validate()
 
 
-def test_layer_candidate_runs_the_layer_gradients_in_a_loop():
-    dx, dw = ops._timed_layer(ops.conv_transpose_s2, "taps", (3, 5, 5, 4), (5, 5, 4, 2), "float32")()
-    assert dx.shape == (ops._LOOP_GROUPS, 3, 5, 5, 4) and dw.shape == (ops._LOOP_GROUPS, 5, 5, 4, 2)
+def test_layer_candidates_run_one_pass_of_the_layer_in_a_loop():
+    g = ops._LOOP_GROUPS
+    for op, x_shape, kernel_shape, y_shape in ((ops.conv_transpose_s2, (3, 5, 5, 4), (5, 5, 4, 2), (3, 13, 13, 2)),
+                                               (ops.conv_s2, (3, 6, 6, 4), (4, 4, 4, 2), (3, 2, 2, 2))):
+        y = ops._timed_layer(op, "taps", "forward", x_shape, kernel_shape, "float32")()
+        # What the forward candidate computed is the layer's output on the candidate's inputs.
+        kx, kk, _ = jax.random.split(jax.random.PRNGKey(0), 3)
+        x = jax.random.normal(kx, (g,) + x_shape)
+        kernel = jax.random.normal(kk, kernel_shape) / kernel_shape[0]
+        assert y.shape == (g,) + y_shape
+        np.testing.assert_allclose(y, op(x, kernel, impl="xla"), rtol=1e-5, atol=1e-5)
+        dx, dw = ops._timed_layer(op, "taps", "gradients", x_shape, kernel_shape, "float32")()
+        assert dx.shape == (g,) + x_shape and dw.shape == (g,) + kernel_shape

@@ -201,11 +201,15 @@ LAYER_CASES = [("deconv", (1, 1, 16), 5, 8), ("deconv", (5, 5, 8), 5, 6), ("deco
                ("conv", (14, 14, 4), 4, 16), ("conv", (6, 6, 16), 4, 32)]
 
 
-@pytest.mark.parametrize("impl", [impl for impl in ops.CONV_IMPLS if impl != ops.DEFAULT_CONV_IMPL])
+# Forward in one formulation, gradients in another ('forward/gradients'): XLA's op either side.
+SPLIT_IMPLS = ["conv/taps", "xla/outer", "im2col/xla"]
+
+
+@pytest.mark.parametrize("impl", [impl for impl in ops.CONV_IMPLS if impl != ops.DEFAULT_CONV_IMPL] + SPLIT_IMPLS)
 @pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: f"{c[0]}{c[1][0]}")
 def test_every_formulation_equals_flax(case, impl):
     """Each formulation the autotuner may pick (ops.CONV_IMPLS; the default one is tested above),
-    values and gradients."""
+    and pairs of them split between the passes, values and gradients."""
     kind, shape, k, c_out = case
     if kind == "deconv":
         fast = lambda x, w, b: ops.conv_transpose_s2(x, w, b, impl=impl)
@@ -218,6 +222,9 @@ def test_every_formulation_equals_flax(case, impl):
 def test_bad_impl_is_named():
     with pytest.raises(ValueError, match="impl"):
         ops.conv_s2(jnp.zeros((1, 8, 8, 3)), jnp.zeros((4, 4, 3, 2)), impl="fastest")
+    for impl in ("conv/fastest", "conv/", "conv/taps/im2col"):
+        with pytest.raises(ValueError, match="impl"):
+            ops.conv_transpose_s2(jnp.zeros((1, 2, 2, 3)), jnp.zeros((4, 4, 3, 2)), impl=impl)
 
 
 _ITEM_BYTES = {"f32": 4, "bf16": 2, "bool": 1, "s32": 4, "u32": 4, "u8": 1}
