@@ -169,9 +169,10 @@ def _windows(x: jax.Array, a: int, b: int) -> list[jax.Array]:
 
 @jax.custom_vjp
 def _narrow_conv_s1(x: jax.Array, w: jax.Array) -> jax.Array:
-    """XLA's stride-1 VALID conv (float32), whose kernel gradient is one matmul of the shifted
-    windows side by side: XLA:CPU's own kernel-gradient conv was far slower than that matmul for
-    the cpu preset's first encoder layer (12 -> 16 channels after space-to-depth)."""
+    """XLA's stride-1 VALID conv (float32), whose kernel gradient is one matmul per shifted window:
+    XLA:CPU's own kernel-gradient conv was far slower than matmuls for the cpu preset's first
+    encoder layer (12 -> 16 channels after space-to-depth), and so was one matmul of the windows
+    side by side, whose copy of so few channels costs more than the matmuls (docs/performance_speed.md)."""
     return lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=_DN)
 
 
@@ -186,7 +187,7 @@ def _narrow_conv_s1_bwd(res, dy):
     dx = lax.conv_general_dilated(dy, jnp.flip(w, (0, 1)).swapaxes(2, 3), (1, 1),
                                   ((a - 1, a - 1), (b - 1, b - 1)), dimension_numbers=_DN)
     # d/dw[i, j] = sum over pixels of window(i, j)^T dy.
-    dw = _dot_t(jnp.concatenate(_windows(x, a, b), -1), dy, "float32").reshape(a, b, c, n)
+    dw = jnp.stack([_dot_t(win, dy, "float32") for win in _windows(x, a, b)]).reshape(a, b, c, n)
     return dx, dw
 
 
