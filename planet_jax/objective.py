@@ -158,7 +158,7 @@ def _timed_groups(cfg: ModelConfig, group: int, groups: int, length: int,
     """An autotune candidate: what `loss_fn` runs on images, per group (encoder, decoder body) in a
     `lax.map` over `groups` groups of `group` sequences of `length` random frames, forward and
     gradients (parameters and the decoder head's output), compiled with the conv layers as cfg pins
-    them, or their defaults for 'auto' (so timing a group does not first search its layers).
+    them, each pass it leaves 'auto' at its default (so timing a group does not first search layers).
     params() gives the encoder and decoder parameters (`_image_params`, shared by the candidates)."""
     ko, kf = jax.random.split(jax.random.PRNGKey(1))
     o = jax.random.uniform(ko, (groups, group * length, 64, 64, 3), minval=-0.5, maxval=0.5)
@@ -172,7 +172,7 @@ def _timed_groups(cfg: ModelConfig, group: int, groups: int, length: int,
             return jnp.sum(jnp.square(networks.decode_body(p, cfg, head) - o)) + jnp.sum(jnp.square(e))
         return jnp.sum(jax.lax.map(one, (o, head)))
 
-    with ops.conv_impl_scope("default" if cfg.conv_impl == "auto" else cfg.conv_impl):
+    with ops.conv_impl_scope(cfg.conv_impl, auto="default"):
         grads = jax.jit(jax.grad(loss, (0, 1))).lower(params, head).compile()
     return lambda: jax.block_until_ready(grads(params, head))
 

@@ -93,7 +93,9 @@ _LAYER_MIN_GAIN = 0.5
 # Calls of a layer per timed candidate, run as a loop (see `_timed_layer`).
 _LOOP_GROUPS = 2
 # The enclosing `conv_impl_scope`'s spec (ModelConfig.conv_impl syntax), read when a layer is traced.
-_CONV_IMPL_PIN: contextvars.ContextVar[str] = contextvars.ContextVar("conv_impl", default="auto")
+# With what a pass left 'auto' by that spec is replaced ('auto': measured, or 'default').
+_CONV_IMPL_PIN: contextvars.ContextVar[tuple[str, str]] = contextvars.ContextVar("conv_impl",
+                                                                                 default=("auto", "auto"))
 
 
 def _cast(x: jax.Array, dtype: str) -> jax.Array:
@@ -430,8 +432,9 @@ def conv_s2(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
     (..., (H - k) // 2 + 1, (W - k) // 2 + 1, O). y[m, n] = sum_{p, q} x[2m + p, 2n + q] @ w[p, q]:
     with p = 2i + r this is a stride-1 correlation of space-to-depth(x) with (k/2)^2 taps, formulated
     as `impl` says (one of CONV_IMPLS, 'xla' being flax's op, or 'f/b' as in `conv_transpose_s2`),
-    with `dtype` operands in the matmuls of both passes (the result is float32). Raises ValueError
-    for a kernel that is not (k, k, I, O) with k even, or an unknown dtype or impl.
+    with `dtype` operands in the matmuls of both passes (the result is float32). Differentiable
+    by reverse mode; forward-mode (jvp) is not defined for split 'f/b' formulations (a custom VJP).
+    Raises ValueError for a kernel that is not (k, k, I, O) with k even, or an unknown dtype or impl.
     """
     _check_kernel(x, kernel, kernel.shape[0] % 2 == 0, "k even")
     dtype, (fwd, bwd) = _check_dtype(dtype), _passes(impl)
@@ -480,13 +483,16 @@ _two_pass.defvjp(_two_pass_fwd, _two_pass_bwd)
 
 
 @contextlib.contextmanager
-def conv_impl_scope(spec: str):
+def conv_impl_scope(spec: str, auto: str = "auto"):
     """Within this block, fast stride-2 layers take the formulation `spec` pins (the syntax of
     `ModelConfig.conv_impl`: 'auto', 'default', one of CONV_IMPLS, 'forward/gradients' pairs of
-    those, or 'conv0=taps,deconv3=conv/auto,...' by layer name, unnamed layers 'auto'). Raises
-    ValueError for a malformed spec."""
+    those, or 'conv0=taps,deconv3=conv/auto,...' by layer name, unnamed layers 'auto'), and each
+    pass the spec leaves 'auto' takes `auto` ('auto': measured; 'default': DEFAULT_CONV_IMPL
+    without measuring). Raises ValueError for a malformed spec or an `auto` other than those two."""
     conv_impl_pin(spec, "")  # validates
-    token = _CONV_IMPL_PIN.set(spec)
+    if auto not in ("auto", "default"):
+        raise ValueError(f"auto must be 'auto' or 'default', got {auto!r}")
+    token = _CONV_IMPL_PIN.set((spec, auto))
     try:
         yield
     finally:
@@ -511,7 +517,8 @@ def layer_impl(op: Callable, name: str | None, x_shape: tuple[int, ...], kernel_
         positions = x_shape[1] * x_shape[2]
     gflop = 2 * x_shape[0] * positions * k * k * c_in * c_out / 1e9
     key = f"x{'x'.join(map(str, x_shape))} k{k} o{c_out} {dtype}"
-    pins = _passes_pin(conv_impl_pin(_CONV_IMPL_PIN.get(), name or ""))
+    spec, auto = _CONV_IMPL_PIN.get()
+    pins = [auto if pin == "auto" else pin for pin in _passes_pin(conv_impl_pin(spec, name or ""))]
     tuner = tuner or autotune.Tuner()
     chosen = []
     for pass_, pin, work in zip(_PASSES, pins, (gflop, 2 * gflop)):

@@ -184,6 +184,14 @@ def test_conv_layer_passes_are_measured_and_pinned_apart(tmp_path):
         assert ops.layer_impl(*args, tuner=tuner(tmp_path, never_timed)) == "im2col/mixed"
     with ops.conv_impl_scope("taps/taps"):
         assert ops.layer_impl(*args, tuner=tuner(tmp_path, never_timed)) == "taps"
+    # What the image-group candidates use: every pass a spec leaves 'auto' takes the default, unmeasured.
+    with ops.conv_impl_scope("deconv2=xla/auto", auto="default"):
+        fresh = tuner(tmp_path / "never", never_timed)
+        assert ops.layer_impl(*args, tuner=fresh) == "xla/mixed"
+        assert ops.layer_impl(ops.conv_transpose_s2, "deconv3", *args[2:], tuner=fresh) == "mixed"
+    with pytest.raises(ValueError, match="auto"):
+        with ops.conv_impl_scope("auto", auto="conv"):
+            pass
     seconds["gradients"]["taps"] = 2.5  # saves less than half of mixed's time: mixed stays
     assert ops.layer_impl(*args, tuner=tuner(tmp_path / "fresh", timer)) == "conv/mixed"
 

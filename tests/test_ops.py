@@ -57,8 +57,9 @@ def test_forward_and_gradients_equal_flax(size, k, c_in, c_out):
                               seed=size * 10 + k)
 
 
-def test_second_order_gradient_equals_flax():
-    """The custom VJP is itself differentiable (e.g. for gradient penalties)."""
+@pytest.mark.parametrize("impl", [ops.DEFAULT_CONV_IMPL, "taps/xla", "xla/taps"])
+def test_second_order_gradient_equals_flax(impl):
+    """The custom VJP is itself differentiable (e.g. for gradient penalties), split passes too."""
     x = jax.random.normal(jax.random.PRNGKey(0), (1, 3, 3, 2))
     kernel = jax.random.normal(jax.random.PRNGKey(1), (5, 5, 2, 2))
     bias = jnp.zeros(2)
@@ -67,8 +68,8 @@ def test_second_order_gradient_equals_flax():
         input_grad = lambda w: jax.grad(lambda v: jnp.sum(jnp.sin(fn(v, w, bias))))(x)
         return jax.grad(lambda w: jnp.sum(jnp.square(input_grad(w))))(kernel)
 
-    np.testing.assert_allclose(grad_of_input_grad_norm(ops.conv_transpose_s2),
-                               grad_of_input_grad_norm(_flax), atol=1e-3, rtol=1e-3)
+    fast = lambda x, w, b: ops.conv_transpose_s2(x, w, b, impl=impl)
+    np.testing.assert_allclose(grad_of_input_grad_norm(fast), grad_of_input_grad_norm(_flax), atol=1e-3, rtol=1e-3)
 
 
 def _naive_conv(x, kernel, bias):
@@ -217,6 +218,23 @@ def test_every_formulation_equals_flax(case, impl):
     else:
         fast = lambda x, w, b: ops.conv_s2(x, w, b, impl=impl)
         _check_against_references(fast, _naive_conv, _flax_conv, shape, k, c_out, seed=k)
+
+
+def _convolutions(fn, *args) -> int:
+    """XLA convolution instructions left in fn's compiled program (dead code removed)."""
+    return jax.jit(fn).lower(*args).compile().as_text().count(" convolution(")
+
+
+@pytest.mark.parametrize("op,x_shape,kernel_shape", [(ops.conv_transpose_s2, (2, 5, 5, 8), (6, 6, 8, 8)),
+                                                     (ops.conv_s2, (2, 14, 14, 8), (4, 4, 8, 8))])
+def test_split_formulations_run_each_pass_as_named(op, x_shape, kernel_shape):
+    """'f/b' runs formulation f forward and b in the gradients: only 'xla' uses XLA's convolutions."""
+    x, kernel = jnp.ones(x_shape), jnp.ones(kernel_shape)
+    g = jnp.ones(jax.eval_shape(lambda x, w: op(x, w), x, kernel).shape)
+    for impl, forward_convs, gradient_convs in (("xla/taps", True, False), ("taps/xla", False, True)):
+        f = lambda x, w: op(x, w, impl=impl)
+        assert (_convolutions(f, x, kernel) > 0) == forward_convs, impl
+        assert (_convolutions(lambda x, w, g: jax.vjp(f, x, w)[1](g), x, kernel, g) > 0) == gradient_convs, impl
 
 
 def test_bad_impl_is_named():
