@@ -245,18 +245,20 @@ def _check_types(cfg: Config) -> None:
 
 def conv_impl_pin(spec: str, layer: str) -> str:
     """What `ModelConfig.conv_impl` = spec says for the layer named `layer`: 'auto', 'default', one
-    of CONV_IMPLS, or two of those as 'forward/gradients' (e.g. 'conv/auto'). Raises ValueError
-    naming the choices if spec is malformed."""
+    of CONV_IMPLS, or two of those as 'forward/gradients' (e.g. 'conv/auto'), spaces removed.
+    Raises ValueError naming the choices if spec is malformed."""
     words = _CHOICE_WORDS + CONV_IMPLS
 
-    def choice(value: str) -> bool:  # 'taps', or 'forward/gradients' as in 'conv/auto'
-        return all(part in words for part in value.split("/", 1))
+    def choice(value: str) -> str | None:  # 'taps', or 'forward/gradients' as in 'conv/auto'
+        parts = [part.strip() for part in value.split("/", 1)]
+        return "/".join(parts) if all(part in words for part in parts) else None
     if choice(spec):
-        return spec
+        return choice(spec)
     pins = {}
     for item in spec.split(","):
         name, sep, impl = (part.strip() for part in item.partition("="))
-        if not sep or not name or not choice(impl):
+        impl = choice(impl)
+        if not sep or not name or not impl:
             raise ValueError(f"model.conv_impl must be one of {', '.join(words)}, two of them as "
                              f"'forward/gradients', or 'layer=choice,...' (e.g. conv0=taps,deconv3=conv/auto), "
                              f"got {spec!r}")

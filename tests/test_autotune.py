@@ -309,6 +309,10 @@ def test_config_rejects_unknown_choices():
             config.override(config.tiny(), [item]).validate()
     config.override(config.tiny(), ["model.conv_impl=conv0=taps,deconv3=conv/auto", "planner.batching=vmap"]).validate()
     config.override(config.tiny(), ["model.conv_impl=xla/default"]).validate()
+    # Spaces around '=', ',' and '/' are ignored alike.
+    assert config.conv_impl_pin(" conv / taps ", "conv1") == "conv/taps"
+    assert config.conv_impl_pin("conv0 = im2col , deconv3 = conv / auto", "deconv3") == "conv/auto"
+    assert config.conv_impl_pin("conv0 = im2col , deconv3 = conv / auto", "conv0") == "im2col"
 
 
 def test_layer_candidates_run_one_pass_of_the_layer_in_a_loop():
