@@ -252,8 +252,8 @@ def conv_impl_pin(spec: str, layer: str) -> str:
     def choice(value: str) -> str | None:  # 'taps', or 'forward/gradients' as in 'conv/auto'
         parts = [part.strip() for part in value.split("/", 1)]
         return "/".join(parts) if all(part in words for part in parts) else None
-    if choice(spec):
-        return choice(spec)
+    if whole := choice(spec):
+        return whole
     pins = {}
     for item in spec.split(","):
         name, sep, impl = (part.strip() for part in item.partition("="))

@@ -245,11 +245,16 @@ def _check_dtype(dtype: str) -> str:
     return dtype
 
 
+def _passes_pin(pin: str) -> tuple[str, str]:
+    """'f' or 'f/b' (an impl, or a layer's pin: 'auto', 'default', an impl) -> (forward, gradients)."""
+    fwd, sep, bwd = pin.partition("/")
+    return fwd, bwd if sep else fwd
+
+
 def _passes(impl: str) -> tuple[str, str]:
     """impl 'f' or 'f/b' -> (forward formulation, gradients' formulation), each one of CONV_IMPLS.
     Raises ValueError otherwise."""
-    fwd, sep, bwd = impl.partition("/")
-    passes = (fwd, bwd if sep else fwd)
+    passes = _passes_pin(impl)
     if not all(p in CONV_IMPLS for p in passes):
         raise ValueError(f"conv impl must be one of {', '.join(CONV_IMPLS)}, or two of them as "
                          f"'forward/gradients', got {impl!r}")
@@ -531,12 +536,6 @@ def layer_impl(op: Callable, name: str | None, x_shape: tuple[int, ...], kernel_
 
 
 _PASSES = ("forward", "gradients")
-
-
-def _passes_pin(pin: str) -> tuple[str, str]:
-    """A layer's pin ('auto', 'default', an impl, or 'f/b' of those) -> (forward pin, gradients pin)."""
-    fwd, sep, bwd = pin.partition("/")
-    return fwd, bwd if sep else fwd
 
 
 def _timed_layer(op: Callable, impl: str, pass_: str, x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
