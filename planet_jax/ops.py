@@ -13,7 +13,9 @@ ordinary stride-1 convolutions, matmuls and pads/reshapes only, in both passes:
               channels, then depth-to-space ("sub-pixel" convolution); or, where that conv would
               mostly multiply padding (tiny inputs), one matmul x @ S followed by an overlap-add;
     d/dx      one stride-1 VALID conv of space-to-depth(dy) with the phase kernels;
-    d/dkernel A^2 matmuls x^T @ shifted windows of space-to-depth(dy), taps past k skipped.
+    d/dkernel A^2 matmuls x^T @ shifted windows of space-to-depth(dy), taps past k skipped;
+    or, for even k, both gradients from the A^2 windows gathered once side by side: dx one
+              matmul of them with the phase kernels, d/dkernel one matmul x^T @ them.
 The stride-1 convolutions above are themselves matmuls (`_conv_s1`): the shifted windows side by
 side in channels and one matmul; one matmul per tap, summed; one matmul of the unshifted input with
 all taps side by side, whose per-tap outputs are then shifted and summed; or XLA's stride-1 conv for
@@ -81,7 +83,8 @@ _MAX_CONV_CHANNELS = 256
 #   outer   the reformulation, each correlation as one matmul of the input with every tap's weights
 #           side by side, then the taps' outputs shifted into place and summed;
 #   mixed   the reformulation, per correlation: conv when narrow (_MAX_CONV_CHANNELS), otherwise
-#           im2col or taps, whichever copies the narrower of input and output;
+#           im2col or taps, whichever copies the narrower of input and output; but the transposed
+#           conv's gradients with even k, unless narrow, share one im2col (as 'im2col' does there);
 #   'f/b'   (two of the above) formulation f in the forward pass, b in the gradients.
 # 'mixed' is the default when nothing is measured; `layer_impl` measures (planet_jax.autotune).
 DEFAULT_CONV_IMPL = "mixed"
@@ -161,6 +164,19 @@ def _conv_s1(x: jax.Array, w: jax.Array, dtype: str, impl: str) -> jax.Array:
         return mm(jnp.concatenate(windows, -1), w.reshape(a * b * c, n))
     taps = w.reshape(a * b, c, n)
     return sum(mm(win, taps[t]) for t, win in enumerate(windows))
+
+
+def _im2col(x: jax.Array, a: int, b: int) -> jax.Array:
+    """The a * b shifted windows of x (B, H, W, C) side by side in channels, (B, H - a + 1, W - b + 1,
+    (i, j, C)) for window (i, j), as one gather: XLA:CPU copies shifted windows this way several times
+    faster than it concatenates them (docs/performance_speed.md). Not for autodiff on a CPU (the
+    gather's transpose is a scatter): the backward passes use it, where nothing is differentiated
+    except for higher-order gradients."""
+    bsz, h, w, c = x.shape
+    ho, wo = h - a + 1, w - b + 1
+    rows = jnp.arange(ho)[:, None, None, None] + jnp.arange(a)[None, None, :, None]
+    cols = jnp.arange(wo)[None, :, None, None] + jnp.arange(b)[None, None, None, :]
+    return x[:, rows, cols].reshape(bsz, ho, wo, a * b * c)
 
 
 def _windows(x: jax.Array, a: int, b: int) -> list[jax.Array]:
@@ -329,6 +345,15 @@ def _backward(x: jax.Array, kernel: jax.Array, dy: jax.Array, dtype: str, impl: 
     taps = _phase_taps(kernel)                                  # (a, r, b, s, I, O)
     # dx[i, j] = sum_{a, b, r, s} dy[2(i + a) + r, 2(j + b) + s] S[2a + r, 2b + s]^T.
     w_dx = taps.transpose(0, 2, 1, 3, 5, 4).reshape(a, a, 4 * c_out, c_in)
+    if k % 2 == 0 and (impl == "im2col" or impl == "mixed" and 4 * c_out * c_in > _MAX_CONV_CHANNELS):
+        # Both gradients read the same a * a windows of dy's phases: copied once, side by side, they
+        # make dx one matmul and dS one matmul. (With odd k those matmuls would multiply the zero
+        # taps past k as well; the products below skip them.)
+        cols = _im2col(dyph, a, a)                              # (B, h, w, (a, b, r, s, O))
+        dx = _matmul_of(dtype)(cols, w_dx.reshape(a * a * 4 * c_out, c_in))
+        d_taps = _dot_t(x, cols, dtype).reshape(c_in, a, a, 2, 2, c_out)
+        d_s = d_taps.transpose(1, 3, 2, 4, 0, 5).reshape(2 * a, 2 * a, c_in, c_out)[:k, :k]
+        return dx, d_s[::-1, ::-1]
     dx = _conv_s1(dyph, w_dx, dtype, impl)
     # dS[2a + r, 2b + s] = sum_{batch, i, j} x[i, j]^T dy-phase (r, s)[i + a, j + b]: one matmul per
     # shift (a, b) over the phases whose tap exists (2a + r < k), so odd k wastes nothing.
