@@ -162,8 +162,12 @@ def worker(name: str, iters: int, warmup: int, profile: int = 0) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from planet_jax import autotune, config, learner, planner, rssm
+    from planet_jax import autotune, config, learner, planner, rssm, runtime
     from planet_jax.objective import Batch
+
+    cache = runtime.use_compilation_cache()  # as the training entry point does
+    events: list[str] = []
+    jax.monitoring.register_event_listener(lambda event, **kwargs: events.append(event))
 
     preset, kind, overrides, plan_batch, _ = MEASUREMENTS[name]
     cfg = config.override(config.PRESETS[preset](), overrides)
@@ -208,6 +212,7 @@ def worker(name: str, iters: int, warmup: int, profile: int = 0) -> dict:
         hlo = lambda: plan.lower(params, state, keys).compile().as_text()
 
         gflop = plan_gflop(cfg, ACTION_DIM, n)
+    compile_events = list(events)  # everything compiled before the timed calls
     times = _timed(call, iters, warmup)
     median = statistics.median(times)
     record = {"impl": "planet_jax", "measurement": name, "median_s": round(median, 4),
@@ -216,7 +221,13 @@ def worker(name: str, iters: int, warmup: int, profile: int = 0) -> dict:
               "gflops_per_s": round(gflop / median, 2),
               "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
               "jax": jax.__version__, "backend": jax.default_backend(),
-              "load_1m": round(os.getloadavg()[0], 2), **extra}
+              "load_1m": round(os.getloadavg()[0], 2),
+              # programs loaded from jax's compilation cache (a run after the first on this machine)
+              # or compiled and written to it; 'off' without the cache
+              "compilation_cache": "off" if cache is None else {
+                  "hits": compile_events.count("/jax/compilation_cache/cache_hits"),
+                  "misses": compile_events.count("/jax/compilation_cache/cache_misses")},
+              **extra}
     if kind != "matmul":  # what planet_jax.autotune chose on this machine (cached), by op and shape
         record["autotune"] = {f"{op} {key}": entry.get("choice") for op, by_key in autotune.choices().items()
                               for key, entry in by_key.items()}
@@ -304,6 +315,17 @@ def speed_table(records: list[dict], command: str) -> str:
         ratio = f"{jax_s / ref_s:.2f}" if jax_s and ref_s else "-"
         lines.append(f"| {name} | {cells[0]} | {cells[1]} | {ratio} | "
                      f"{gigabytes(sides['jax'])} / {gigabytes(sides['torch'])} GB |")
+    # Loading a program instead of compiling it saves the compiler's time and its peak memory.
+    origin = {"loaded": [], "compiled": []}
+    for name, sides in by_name.items():
+        caches = [r.get("compilation_cache") for r in sides["jax"] if r.get("compilation_cache")]
+        if caches:
+            loaded = all(c != "off" and c["hits"] and not c["misses"] for c in caches)
+            origin["loaded" if loaded else "compiled"].append(name)
+    if origin["loaded"]:
+        lines += ["", f"planet_jax's programs were loaded from jax's compilation cache for {', '.join(origin['loaded'])}"
+                      + (f" and compiled in the process for {', '.join(origin['compiled'])}" if origin["compiled"] else "")
+                      + " (`runtime.use_compilation_cache`)."]
     return "\n".join(lines)
 
 

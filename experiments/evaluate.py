@@ -20,7 +20,8 @@ def main(argv=None) -> int:
     with cli.usage_errors(parser):
         # Imported here, not at the top: `python -m experiments.evaluate` may restart itself
         # (cli.restart_with_huge_pages) before main, and JAX would be imported twice.
-        from planet_jax import loop
+        from planet_jax import loop, runtime
+        runtime.use_compilation_cache()
         returns = loop.evaluate(args.logdir, args.episodes, args.seed)
         print(f"return over {len(returns)} episodes: mean {np.mean(returns):.1f} std {np.std(returns):.1f}"
               f" (videos in {args.logdir}/videos/eval_*.mp4)")

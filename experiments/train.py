@@ -52,7 +52,8 @@ def main(argv=None) -> int:
         logdir = args.logdir or f"runs/{args.env}/{args.seed}"
         # Imported here, not at the top: environment workers are spawned processes that re-import
         # this module, and they need neither JAX nor the loop.
-        from planet_jax import loop
+        from planet_jax import loop, runtime
+        runtime.use_compilation_cache()
         loop.train(cfg, args.env, logdir, args.seed, progress=not args.no_progress)
     return 0
 

@@ -1,7 +1,8 @@
-"""The process around a run: the stop signal, memory handed back to the OS, and huge pages.
+"""The process around a run: the stop signal, memory handed back to the OS, huge pages, and the
+compiled programs kept between runs.
 
-Plain Python, no JAX: these act on the process (signals, glibc's allocator, its environment), never
-on arrays.
+Plain Python (JAX only to point its compilation cache at a folder): these act on the process
+(signals, glibc's allocator, its environment, XLA's compiler), never on arrays.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import re
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -113,3 +115,38 @@ def restart_with_huge_pages() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+ENV_COMPILATION_CACHE = "PLANET_JAX_COMPILATION_CACHE"
+
+
+def use_compilation_cache() -> Path | None:
+    """Keeps the programs XLA compiles (the training step, the planner) on disk with jax's persistent
+    compilation cache, so that later runs on this machine, resumes included, load them instead of
+    compiling again: seconds instead of tens of seconds at start-up, and none of the compiler's
+    own peak memory (docs/performance.md). Returns the folder in use, or None when off.
+
+    The folder is `autotune.cache_dir() / "xla" / <machine>` (one per `autotune.machine_id()`, so a
+    home folder shared between machines never serves one machine's code to another). A folder the
+    user gave jax (JAX_COMPILATION_CACHE_DIR or `jax_compilation_cache_dir`) is kept as it is;
+    $PLANET_JAX_COMPILATION_CACHE = 0/off/false/no leaves the cache off. jax only warns when a
+    program cannot be written or read back (a damaged file) and compiles it; a folder that cannot be
+    created leaves the cache off with a warning.
+    Call it before the first compilation; the entry points in experiments/ do.
+    """
+    import jax
+
+    from planet_jax import autotune
+
+    if os.environ.get(ENV_COMPILATION_CACHE, "1").strip().lower() in ("0", "off", "false", "no"):
+        return None
+    if jax.config.jax_compilation_cache_dir:
+        return Path(jax.config.jax_compilation_cache_dir)
+    folder = autotune.cache_dir() / "xla" / re.sub(r"[^\w.-]+", "_", autotune.machine_id())
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        warnings.warn(f"compiled programs are not kept between runs: cannot create {folder} ({err})")
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    return folder

@@ -74,4 +74,19 @@ def test_speed_table_takes_medians_over_rounds_and_names_the_machine():
     # medians over the two rounds: jax (1 + 3) / 2 = 2 s, torch (2 + 4) / 2 = 3 s
     assert lines[4] == "| cpu_train | 2 s | 3 s | 0.67 | 2.0 / 1.0 GB |"
     assert lines[5] == "| tiny_plan_1 | 0.25 s | - | - | 0.5 / - GB |"
-    assert len(lines) == 6
+    assert len(lines) == 6  # nothing said of the compilation cache when the records do not say
+
+
+def test_speed_table_says_which_lines_loaded_their_programs_from_the_compilation_cache():
+    records = [{"machine": "AMD EPYC", "cpus": 2, "jax": "0.10.2", "torch": None},
+               {"impl": "planet_jax", "measurement": "cpu_train", "median_s": 1.0, "max_rss_mb": 600,
+                "compilation_cache": {"hits": 4, "misses": 0}},
+               {"impl": "planet_jax", "measurement": "cpu_train", "median_s": 1.0, "max_rss_mb": 900,
+                "compilation_cache": {"hits": 0, "misses": 4}},  # one round compiled: not "loaded"
+               {"impl": "planet_jax", "measurement": "train", "median_s": 9.0, "max_rss_mb": 1700,
+                "compilation_cache": {"hits": 3, "misses": 0}},
+               {"impl": "planet_jax", "measurement": "plan_1", "median_s": 1.0, "max_rss_mb": 500,
+                "compilation_cache": "off"}]
+    last = benchmark.speed_table(records, "cmd").splitlines()[-1]
+    assert last == ("planet_jax's programs were loaded from jax's compilation cache for train and compiled "
+                    "in the process for cpu_train, plan_1 (`runtime.use_compilation_cache`).")
