@@ -17,6 +17,8 @@ CONV_DTYPES = ("float32", "bfloat16")
 # planner's batch over environments (planet_jax.planner); all compute the same function.
 CONV_IMPLS = ("mixed", "xla", "conv", "im2col", "taps", "outer")
 PLAN_BATCHING = ("map", "vmap")
+# The encoder's and decoder's stride-2 layers (planet_jax.networks), as model.conv_impl names them.
+CONV_LAYERS = ("conv0", "conv1", "conv2", "conv3", "deconv1", "deconv2", "deconv3")
 _CHOICE_WORDS = ("auto", "default")
 
 
@@ -61,9 +63,9 @@ class ModelConfig:
     forward pass and the gradients apart (`planet_jax.autotune`, cached), and leaves 'mixed' only
     for one at least twice as fast; 'default' takes 'mixed' without measuring; a formulation's name
     pins it for every layer, and 'conv/auto' (forward/gradients) each pass apart;
-    'conv0=taps,deconv3=conv/mixed' pins the named layers (encoder conv0..conv3, decoder deconv1..deconv3;
-    deconv0, on a 1x1 input, is one matmul with the dense layer before it,
-    `ops.dense_conv_transpose_1x1`) and leaves the others 'auto'. Applies in the training loss.
+    'conv0=taps,deconv3=conv/mixed' pins the named layers (CONV_LAYERS: encoder conv0..conv3, decoder
+    deconv1..deconv3; another name is an error; deconv0, on a 1x1 input, is one matmul with the dense
+    layer before it, `ops.dense_conv_transpose_1x1`) and leaves the others 'auto'. Applies in the training loss.
     Same result every way, to float32 rounding."""
 
     @property
@@ -198,7 +200,10 @@ class Config:
             raise ValueError(f"model.image_group must be >= 0, got {m.image_group}")
         if m.conv_dtype not in CONV_DTYPES:
             raise ValueError(f"model.conv_dtype must be one of {', '.join(CONV_DTYPES)}, got {m.conv_dtype!r}")
-        conv_impl_pin(m.conv_impl, "")
+        pins = _conv_impl_pins(m.conv_impl)
+        if isinstance(pins, dict) and (unknown := sorted(set(pins) - set(CONV_LAYERS))):
+            raise ValueError(f"model.conv_impl names no layer {', '.join(unknown)}: the stride-2 layers are "
+                             f"{', '.join(CONV_LAYERS)}")
         if p.batching not in _CHOICE_WORDS + PLAN_BATCHING:
             raise ValueError(f"planner.batching must be one of {', '.join(_CHOICE_WORDS + PLAN_BATCHING)}, "
                              f"got {p.batching!r}")
@@ -247,6 +252,12 @@ def conv_impl_pin(spec: str, layer: str) -> str:
     """What `ModelConfig.conv_impl` = spec says for the layer named `layer`: 'auto', 'default', one
     of CONV_IMPLS, or two of those as 'forward/gradients' (e.g. 'conv/auto'), spaces removed.
     Raises ValueError naming the choices if spec is malformed."""
+    pins = _conv_impl_pins(spec)
+    return pins.get(layer, "auto") if isinstance(pins, dict) else pins
+
+
+def _conv_impl_pins(spec: str) -> str | dict[str, str]:
+    """spec's one choice for every layer, or its choices by layer name; ValueError if malformed."""
     words = _CHOICE_WORDS + CONV_IMPLS
 
     def choice(value: str) -> str | None:  # 'taps', or 'forward/gradients' as in 'conv/auto'
@@ -263,7 +274,7 @@ def conv_impl_pin(spec: str, layer: str) -> str:
                              f"'forward/gradients', or 'layer=choice,...' (e.g. conv0=taps,deconv3=conv/auto), "
                              f"got {spec!r}")
         pins[name] = impl
-    return pins.get(layer, "auto")
+    return pins
 
 
 def paper() -> Config:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from planet_jax import autotune, config, objective, ops, planner
+from planet_jax import autotune, config, networks, objective, ops, planner
 from tests.conftest import tiny_model
 
 
@@ -313,6 +313,21 @@ def test_config_rejects_unknown_choices():
     assert config.conv_impl_pin(" conv / taps ", "conv1") == "conv/taps"
     assert config.conv_impl_pin("conv0 = im2col , deconv3 = conv / auto", "deconv3") == "conv/auto"
     assert config.conv_impl_pin("conv0 = im2col , deconv3 = conv / auto", "conv0") == "im2col"
+
+
+def test_config_rejects_a_layer_name_the_networks_do_not_have():
+    with pytest.raises(ValueError, match="names no layer deconv0, decov2: the stride-2 layers are conv0, "):
+        config.override(config.tiny(), ["model.conv_impl=decov2=taps,conv1=xla,deconv0=taps"]).validate()
+    # CONV_LAYERS are the networks' stride-2 layers, each of which asks for its pin by that name.
+    asked = []
+    real_pin = config.conv_impl_pin
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ops, "conv_impl_pin", lambda spec, layer: asked.append(layer) or real_pin(spec, layer))
+        cfg = config.tiny().model
+        mods = networks.modules(cfg)
+        mods["encoder"].init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+        mods["decoder"].init(jax.random.PRNGKey(0), jnp.zeros((1, cfg.feature_size)))
+    assert sorted(set(asked)) == sorted(config.CONV_LAYERS)
 
 
 def test_layer_candidates_run_one_pass_of_the_layer_in_a_loop():
