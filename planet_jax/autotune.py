@@ -64,9 +64,15 @@ def cache_dir() -> Path:
     return Path(base) / "planet_jax"
 
 
+def switched_on(variable: str) -> bool:
+    """False when the environment variable is 0, off, false or no (any case, spaces ignored); True
+    when it is anything else or unset."""
+    return os.environ.get(variable, "1").strip().lower() not in ("0", "off", "false", "no")
+
+
 def search_enabled() -> bool:
     """False when $PLANET_JAX_AUTOTUNE is 0, off, false or no (then every op takes its default)."""
-    return os.environ.get(ENV_SEARCH, "1").strip().lower() not in ("0", "off", "false", "no")
+    return switched_on(ENV_SEARCH)
 
 
 def cpu_model() -> str:

@@ -138,7 +138,7 @@ def use_compilation_cache() -> Path | None:
 
     from planet_jax import autotune
 
-    if os.environ.get(ENV_COMPILATION_CACHE, "1").strip().lower() in ("0", "off", "false", "no"):
+    if not autotune.switched_on(ENV_COMPILATION_CACHE):
         return None
     if jax.config.jax_compilation_cache_dir:
         return Path(jax.config.jax_compilation_cache_dir)
