@@ -167,7 +167,8 @@ def worker(name: str, iters: int, warmup: int, profile: int = 0) -> dict:
 
     cache = runtime.use_compilation_cache()  # as the training entry point does
     events: list[str] = []
-    jax.monitoring.register_event_listener(lambda event, **kwargs: events.append(event))
+    listen = lambda event, **kwargs: events.append(event)
+    jax.monitoring.register_event_listener(listen)
 
     preset, kind, overrides, plan_batch, _ = MEASUREMENTS[name]
     cfg = config.override(config.PRESETS[preset](), overrides)
@@ -212,7 +213,8 @@ def worker(name: str, iters: int, warmup: int, profile: int = 0) -> dict:
         hlo = lambda: plan.lower(params, state, keys).compile().as_text()
 
         gflop = plan_gflop(cfg, ACTION_DIM, n)
-    compile_events = list(events)  # everything compiled before the timed calls
+    jax.monitoring.unregister_event_listener(listen)  # what compiled before the timed calls
+    compile_events = events
     times = _timed(call, iters, warmup)
     median = statistics.median(times)
     record = {"impl": "planet_jax", "measurement": name, "median_s": round(median, 4),
@@ -223,7 +225,7 @@ def worker(name: str, iters: int, warmup: int, profile: int = 0) -> dict:
               "jax": jax.__version__, "backend": jax.default_backend(),
               "load_1m": round(os.getloadavg()[0], 2),
               # programs loaded from jax's compilation cache (a run after the first on this machine)
-              # or compiled and written to it; 'off' without the cache
+              # or not found there and compiled; 'off' without the cache
               "compilation_cache": "off" if cache is None else {
                   "hits": compile_events.count("/jax/compilation_cache/cache_hits"),
                   "misses": compile_events.count("/jax/compilation_cache/cache_misses")},

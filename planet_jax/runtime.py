@@ -128,25 +128,32 @@ def use_compilation_cache() -> Path | None:
 
     The folder is `autotune.cache_dir() / "xla" / <machine>` (one per `autotune.machine_id()`, so a
     home folder shared between machines never serves one machine's code to another). A folder the
-    user gave jax (JAX_COMPILATION_CACHE_DIR or `jax_compilation_cache_dir`) is kept as it is;
-    $PLANET_JAX_COMPILATION_CACHE = 0/off/false/no leaves the cache off. jax only warns when a
-    program cannot be written or read back (a damaged file) and compiles it; a folder that cannot be
-    created leaves the cache off with a warning.
+    user gave jax (JAX_COMPILATION_CACHE_DIR or `jax_compilation_cache_dir`) is kept as it is and
+    returned; with jax's cache disabled (`jax_enable_compilation_cache`) or
+    $PLANET_JAX_COMPILATION_CACHE = 0/off/false/no it stays off. A folder that cannot be created or
+    written leaves the cache off with one warning. A damaged entry (a run killed while writing it)
+    makes jax warn and compile that program on every run, since jax never overwrites an entry:
+    delete the folder to clear it.
     Call it before the first compilation; the entry points in experiments/ do.
     """
     import jax
 
     from planet_jax import autotune
 
-    if not autotune.switched_on(ENV_COMPILATION_CACHE):
+    if not jax.config.jax_enable_compilation_cache:
         return None
     if jax.config.jax_compilation_cache_dir:
         return Path(jax.config.jax_compilation_cache_dir)
+    if not autotune.switched_on(ENV_COMPILATION_CACHE):
+        return None
     folder = autotune.cache_dir() / "xla" / re.sub(r"[^\w.-]+", "_", autotune.machine_id())
-    try:
+    probe = folder / f".probe.{os.getpid()}"
+    try:  # one warning here instead of jax's, one per program, every run
         folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
     except OSError as err:
-        warnings.warn(f"compiled programs are not kept between runs: cannot create {folder} ({err})")
+        warnings.warn(f"compiled programs are not kept between runs: cannot write to {folder} ({err})")
         return None
     jax.config.update("jax_compilation_cache_dir", str(folder))
     return folder

@@ -43,6 +43,20 @@ def test_a_folder_the_user_gave_jax_is_kept(no_cache_dir, tmp_path):
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "mine")
 
 
+def test_the_switch_does_not_hide_a_folder_the_user_gave_jax(no_cache_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv(runtime.ENV_COMPILATION_CACHE, "0")
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))
+    assert runtime.use_compilation_cache() == tmp_path / "mine"
+
+
+def test_a_folder_that_cannot_be_written_leaves_the_cache_off_with_one_warning(no_cache_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv(autotune.ENV_CACHE_DIR, str(tmp_path))
+    monkeypatch.setattr(runtime.Path, "write_bytes", lambda self, data: (_ for _ in ()).throw(PermissionError(13, "denied")))
+    with pytest.warns(UserWarning, match="cannot write to"):
+        assert runtime.use_compilation_cache() is None
+    assert jax.config.jax_compilation_cache_dir is None
+
+
 def test_a_folder_that_cannot_be_made_leaves_the_cache_off_with_a_warning(no_cache_dir, monkeypatch, tmp_path):
     (tmp_path / "file").write_text("")
     monkeypatch.setenv(autotune.ENV_CACHE_DIR, str(tmp_path / "file"))
