@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, Sequence
 
 MODEL_KINDS = ("rssm", "ssm", "rnn")
@@ -273,6 +274,8 @@ def _conv_impl_pins(spec: str) -> str | dict[str, str]:
             raise ValueError(f"model.conv_impl must be one of {', '.join(words)}, two of them as "
                              f"'forward/gradients', or 'layer=choice,...' (e.g. conv0=taps,deconv3=conv/auto), "
                              f"got {spec!r}")
+        if name in pins:
+            raise ValueError(f"model.conv_impl pins {name} twice: {spec!r}")
         pins[name] = impl
     return pins
 
@@ -368,9 +371,27 @@ RETIRED_FIELDS = {"train": ("checkpoint_every",)}
 
 def from_dict(data: dict) -> Config:
     """The Config of `to_dict`'s output (a config.json); fields in RETIRED_FIELDS are dropped and
-    missing ones take their defaults. Raises TypeError for an unknown field."""
+    missing ones take their defaults. A model.conv_impl pin for a layer not in CONV_LAYERS (which
+    run folders written before such pins were rejected may hold, and which never had an effect)
+    is dropped with a warning. Raises TypeError for an unknown field."""
     kinds = {"model": ModelConfig, "loss": LossConfig, "optim": OptimConfig,
              "planner": PlannerConfig, "train": TrainConfig}
     sections = {k: {name: value for name, value in data[k].items() if name not in RETIRED_FIELDS.get(k, ())}
                 for k in kinds if k in data}
+    if isinstance(spec := sections.get("model", {}).get("conv_impl"), str):
+        sections["model"]["conv_impl"] = _without_unknown_layers(spec)
     return Config(**{k: kinds[k](**fields) for k, fields in sections.items()})
+
+
+def _without_unknown_layers(spec: str) -> str:
+    """conv_impl spec without its pins of layers outside CONV_LAYERS ('auto' if none is left);
+    a malformed spec is returned as it is, for `Config.validate` to reject."""
+    try:
+        pins = _conv_impl_pins(spec)
+    except ValueError:
+        return spec
+    if not isinstance(pins, dict) or not (unknown := sorted(set(pins) - set(CONV_LAYERS))):
+        return spec
+    warnings.warn(f"model.conv_impl: ignoring the pin of {', '.join(unknown)}, which names no layer "
+                  f"(the stride-2 layers are {', '.join(CONV_LAYERS)})", stacklevel=3)
+    return ",".join(f"{name}={impl}" for name, impl in pins.items() if name in CONV_LAYERS) or "auto"

@@ -318,6 +318,8 @@ def test_config_rejects_unknown_choices():
 def test_config_rejects_a_layer_name_the_networks_do_not_have():
     with pytest.raises(ValueError, match="names no layer deconv0, decov2: the stride-2 layers are conv0, "):
         config.override(config.tiny(), ["model.conv_impl=decov2=taps,conv1=xla,deconv0=taps"]).validate()
+    with pytest.raises(ValueError, match="pins conv1 twice"):
+        config.override(config.tiny(), ["model.conv_impl=conv1=taps, conv1 = xla"]).validate()
     # CONV_LAYERS are the networks' stride-2 layers, each of which asks for its pin by that name.
     asked = []
     real_pin = config.conv_impl_pin

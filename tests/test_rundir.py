@@ -46,6 +46,24 @@ def test_resume_accepts_only_resumable_changes(tmp_path):
         _one_line_error(rundir.prepare, tmp_path, cfg, ENV, 1)
 
 
+def test_an_old_run_with_a_pin_of_no_layer_is_read_without_it(tmp_path):
+    # Run folders written before such pins were rejected may hold one; it never had an effect.
+    cfg = config.override(config.tiny(), ["model.conv_impl=conv1=taps"])
+    rundir.prepare(tmp_path, cfg, ENV, 0)
+    stored = json.loads((tmp_path / "config.json").read_text())
+    for spec, kept in (("decov2=taps,conv1=taps,deconv0=xla/auto", "conv1=taps"), ("decov2=taps", "auto")):
+        stored["model"]["conv_impl"] = spec
+        (tmp_path / "config.json").write_text(json.dumps(stored))
+        with pytest.warns(UserWarning, match="ignoring the pin of deconv0, decov2|ignoring the pin of decov2"):
+            read, env, seed = rundir.read(tmp_path)
+        assert read.model.conv_impl == kept and (env, seed) == (ENV, 0)
+    with pytest.warns(UserWarning, match="decov2"):  # resuming with the flags of the first run
+        assert rundir.prepare(tmp_path, cfg, ENV, 0) == cfg
+    stored["model"]["conv_impl"] = "conv1=fastest"  # malformed: still an error
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    assert "model.conv_impl must be one of" in _one_line_error(rundir.read, tmp_path)
+
+
 def test_a_logdir_that_is_a_file_or_under_a_file(tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("not a run")
