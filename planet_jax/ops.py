@@ -3,7 +3,8 @@
 XLA:CPU lowers `lax.conv_transpose` (an lhs-dilated convolution) and, worse, its gradients to slow
 generic loops, far below the machine's matmul rate (docs/performance.md). `conv_transpose_s2` computes exactly what
 `flax.linen.ConvTranspose(O, (k, k), strides=(2, 2), padding='VALID')` computes, with
-ordinary stride-1 convolutions, matmuls and pads/reshapes only, in both passes:
+ordinary stride-1 convolutions, matmuls, pads/reshapes and gathers of shifted windows only, in
+both passes:
 
   flax's transposed conv (transpose_kernel=False) scatters each input pixel through the spatially
   flipped kernel, y[2i + p, 2j + q] += x[i, j] @ S[p, q] with S = kernel[::-1, ::-1]. Writing
@@ -15,7 +16,7 @@ ordinary stride-1 convolutions, matmuls and pads/reshapes only, in both passes:
     d/dx      one stride-1 VALID conv of space-to-depth(dy) with the phase kernels;
     d/dkernel A^2 matmuls x^T @ shifted windows of space-to-depth(dy), taps past k skipped;
     or, for even k, both gradients from the A^2 windows gathered once side by side: dx one
-              matmul of them with the phase kernels, d/dkernel one matmul x^T @ them.
+              matmul of them with the phase kernels, d/dkernel one matmul x^T @ them (`_im2col`).
 The stride-1 convolutions above are themselves matmuls (`_conv_s1`): the shifted windows side by
 side in channels and one matmul; one matmul per tap, summed; one matmul of the unshifted input with
 all taps side by side, whose per-tap outputs are then shifted and summed; or XLA's stride-1 conv for

@@ -222,6 +222,33 @@ def test_every_formulation_equals_flax(case, impl):
         _check_against_references(fast, _naive_conv, _flax_conv, shape, k, c_out, seed=k)
 
 
+@pytest.mark.parametrize("impl", ["mixed", "im2col", "taps", "outer"])
+@pytest.mark.parametrize("k,c_in,c_out", [(6, 12, 8), (5, 8, 6), (6, 3, 2)])
+def test_non_square_inputs_equal_flax(impl, k, c_in, c_out):
+    """Rows and columns are not mixed up: a 4 x 7 input, through each gradient branch."""
+    fast = lambda x, w, b: ops.conv_transpose_s2(x, w, b, impl=impl)
+    _check_against_references(fast, _naive, _flax, (4, 7, c_in), k, c_out, seed=k + c_in)
+
+
+def _gathers(fn, *args) -> int:
+    return str(jax.make_jaxpr(fn)(*args)).count("gather[")
+
+
+@pytest.mark.parametrize("k,c_in,c_out,shared", [(6, 12, 8, True), (4, 16, 8, True), (5, 12, 8, False),
+                                                 (6, 4, 3, False)])
+def test_mixed_shares_the_gathered_windows_for_even_k_unless_narrow(k, c_in, c_out, shared):
+    """The transposed conv's gradients under 'mixed' gather dy's windows once exactly where
+    ops._backward documents it (even k, 4 * O * I above _MAX_CONV_CHANNELS); 'im2col' always for
+    even k, 'taps' never."""
+    x, kernel = jnp.ones((2, 5, 6, c_in)), jnp.ones((k, k, c_in, c_out))
+    g = jnp.ones(jax.eval_shape(lambda x, w: ops.conv_transpose_s2(x, w), x, kernel).shape)
+    backward = lambda impl: lambda x, w, g: jax.vjp(lambda x, w: ops.conv_transpose_s2(x, w, impl=impl),
+                                                    x, w)[1](g)
+    assert (_gathers(backward("mixed"), x, kernel, g) > 0) == shared
+    assert (_gathers(backward("im2col"), x, kernel, g) > 0) == (k % 2 == 0)
+    assert _gathers(backward("taps"), x, kernel, g) == 0
+
+
 def _convolutions(fn, *args) -> int:
     """XLA convolution instructions left in fn's compiled program (dead code removed)."""
     return jax.jit(fn).lower(*args).compile().as_text().count(" convolution(")
