@@ -4,8 +4,10 @@ Several of planet_jax's speed choices depend on the machine more than on the mod
 convolution layer is computed (`ops.CONV_IMPLS`), how many sequences the encoder and decoder see at
 a time (`objective.image_group`), and whether the planner maps or vmaps over environments
 (`planner.PLAN_BATCHING`). Like XLA's and cuDNN's autotuners, `choose` times each candidate once
-for the shapes in use, at trace time (in Python, never inside jit), and remembers the fastest
-(or the default, unless the fastest saves at least the op's `min_gain` of its time):
+for the shapes in use, at trace time (in Python, never inside jit), remembers the timings, and
+takes the fastest (or the default, unless the fastest saves at least the op's `min_gain` of its
+time; decided again from the remembered timings on every call, so a changed rule needs no new
+measurement):
 
   cache   one JSON file, `cache_dir() / "autotune.json"`: {"version": 2, "entries": {machine:
           {op: {shape key: {"choice": name, "seconds": {name: s}}}}}}, where machine is
@@ -129,8 +131,8 @@ class Tuner:
                calls: Mapping[str, float] | None = None, min_gain: float = 0.0) -> str:
         """The candidate to use for `op` at shape `key` (a string naming the shapes and settings).
 
-        pin: 'auto' (the cached choice if every candidate was timed for it, else measure, cache and
-        return the fastest, see below), 'default' (`default` without measuring), or a candidate's name
+        pin: 'auto' (the fastest by the cached timings if every candidate was timed, else measure,
+        cache and return the fastest, see below), 'default' (`default` without measuring), or a candidate's name
         (returned as is). `default` is also taken when searching is off or `gflop` (work per call)
         is below MIN_SEARCH_GFLOP. calls: how many calls of each candidate the op needs (default 1);
         the least total time wins if it is at most (1 - min_gain) times the default's, else the
@@ -149,16 +151,23 @@ class Tuner:
         if not self.search or (gflop is not None and gflop < MIN_SEARCH_GFLOP):
             return default
         entry = self._read().get(self.machine, {}).get(op, {}).get(key)
-        # A choice made before a candidate existed (one missing from its timings) is measured again.
-        if (isinstance(entry, dict) and entry.get("choice") in names
-                and isinstance(entry.get("seconds"), dict) and set(names) <= set(entry["seconds"])):
-            return entry["choice"]
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # outside any jax trace
-            seconds = pool.submit(lambda: {n: float(self.timer(n, candidates[n])) for n in names}).result()
+        stored = entry.get("seconds") if isinstance(entry, dict) else None
+        # Cached timings are decided again under today's rule (min_gain, calls); a shape timed before
+        # a candidate existed (one missing from its timings) is measured again.
+        cached = (isinstance(stored, dict) and set(names) <= set(stored)
+                  and all(isinstance(stored[n], (int, float)) and not isinstance(stored[n], bool) for n in names))
+        if cached:
+            seconds = {n: float(stored[n]) for n in names}
+        else:
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:  # outside any jax trace
+                seconds = pool.submit(lambda: {n: float(self.timer(n, candidates[n])) for n in names}).result()
         total = {n: seconds[n] * (calls or {}).get(n, 1.0) for n in names}
         fastest = min(names, key=lambda n: (total[n], n != default))
         choice = fastest if total[fastest] <= (1 - min_gain) * total[default] else default
-        self._write(op, key, {"choice": choice, "seconds": {n: round(s, 6) for n, s in seconds.items()}})
+        if not cached:
+            self._write(op, key, {"choice": choice, "seconds": {n: round(s, 6) for n, s in seconds.items()}})
+        elif entry.get("choice") != choice:  # so that reports (`choices`) show what is used
+            self._write(op, key, {**entry, "choice": choice})
         return choice
 
     def _read(self) -> dict:

@@ -89,11 +89,12 @@ _MAX_CONV_CHANNELS = 256
 #   'f/b'   (two of the above) formulation f in the forward pass, b in the gradients.
 # 'mixed' is the default when nothing is measured; `layer_impl` measures (planet_jax.autotune).
 DEFAULT_CONV_IMPL = "mixed"
-# A layer leaves DEFAULT_CONV_IMPL only for a formulation that takes at most half its time: layers
-# are timed alone, and inside the training step formulations clearly faster alone made the step
-# slower (docs/performance_speed.md), while the gaps that matter (XLA's own conv against the
+# A layer leaves DEFAULT_CONV_IMPL only for a formulation that takes at most 60% of its time: layers
+# are timed alone, and inside the training step formulations a quarter to a third faster alone made
+# the step slower on one CPU, while formulations twice as fast alone made it faster on another
+# (docs/performance_speed.md); the gaps that matter most (XLA's own conv against the
 # reformulations, on a CPU or an accelerator) are many-fold.
-_LAYER_MIN_GAIN = 0.5
+_LAYER_MIN_GAIN = 0.4
 # Calls of a layer per timed candidate, run as a loop (see `_timed_layer`).
 _LOOP_GROUPS = 2
 # The enclosing `conv_impl_scope`'s spec (ModelConfig.conv_impl syntax), read when a layer is traced.
@@ -536,7 +537,7 @@ def layer_impl(op: Callable, name: str | None, x_shape: tuple[int, ...], kernel_
     (..., H, W, I) with a (k, k, I, O) kernel: one of CONV_IMPLS, or 'f/b' for formulation f in the
     forward pass and b in the gradients. Each pass is as pinned by the enclosing `conv_impl_scope`,
     else measured once per machine and shape (planet_jax.autotune; 'mixed' unless another takes at
-    most half its time) and cached, else (search off, or too little work to time) 'mixed'. The
+    most 60% of its time) and cached, else (search off, or too little work to time) 'mixed'. The
     passes are timed apart (`_timed_layer`), since the fastest differs between them: XLA:CPU's
     stride-1 conv runs some forward correlations far faster than any matmul form and their
     gradients far slower."""

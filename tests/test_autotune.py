@@ -82,6 +82,24 @@ def test_with_a_min_gain_the_default_stays_unless_a_candidate_saves_that_much(tm
     assert tuner(tmp_path, never_timed).choose("op", "under", CANDIDATES, "a", min_gain=0.3) == "a"
 
 
+def test_cached_timings_are_decided_again_under_a_changed_rule_without_timing(tmp_path):
+    assert tuner(tmp_path, FakeTimer({"a": 1.0, "b": 0.55, "c": 2.0})).choose(
+        "op", "s", CANDIDATES, "a", min_gain=0.5) == "a"
+    path = tmp_path / "cache" / "autotune.json"
+    assert json.loads(path.read_text())["entries"]["test machine"]["op"]["s"]["choice"] == "a"
+    # A smaller margin (a newer planet_jax) picks b from the same timings, and the report says so.
+    assert tuner(tmp_path, never_timed).choose("op", "s", CANDIDATES, "a", min_gain=0.4) == "b"
+    assert autotune.choices(tuner(tmp_path, never_timed))["op"]["s"] == {
+        "choice": "b", "seconds": {"a": 1.0, "b": 0.55, "c": 2.0}}
+    assert tuner(tmp_path, never_timed).choose("op", "s", CANDIDATES, "a", calls={"b": 2}) == "a"
+    # A timing that is not a number (edited by hand) is measured again.
+    data = json.loads(path.read_text())
+    data["entries"]["test machine"]["op"]["s"]["seconds"]["c"] = "fast"
+    path.write_text(json.dumps(data))
+    timer = FakeTimer({"a": 1.0, "b": 2.0, "c": 0.1})
+    assert tuner(tmp_path, timer).choose("op", "s", CANDIDATES, "a") == "c" and timer.timed == ["a", "b", "c"]
+
+
 @pytest.mark.parametrize("text", ["{not json", '{"version": 0, "entries": {}}', "[1, 2]",
                                   '{"version": 1, "entries": {"test machine": {"op": {"k": {"choice": "c", '
                                   '"seconds": {"a": 2.0, "b": 1.0, "c": 0.1}}}}}}'])
