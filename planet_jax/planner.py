@@ -29,6 +29,10 @@ from planet_jax.config import PLAN_BATCHING, ModelConfig, PlannerConfig
 from planet_jax.networks import Params
 
 ACTION_LOW, ACTION_HIGH = -1.0, 1.0
+# Imagined steps per iteration of the rollout's loop: a few steps per loop body let XLA schedule
+# the small per-step matmuls and elementwise work of consecutive steps together
+# (docs/performance_speed.md, seventh session).
+IMAGINE_UNROLL = 3
 
 
 def shift_plan(mean: jax.Array) -> jax.Array:
@@ -45,7 +49,7 @@ def predicted_rewards(params: Params, model_cfg: ModelConfig, state: rssm.RSSMSt
     (`rssm.imagine`) per sequence, each sequence's prior samples drawn with its own key.
     """
     keys = jax.random.split(key, actions.shape[0])
-    rollout = jax.vmap(rssm.imagine, in_axes=(None, None, None, 0, 0))
+    rollout = jax.vmap(functools.partial(rssm.imagine, unroll=IMAGINE_UNROLL), in_axes=(None, None, None, 0, 0))
     states, _ = rollout(params, model_cfg, state, actions, keys)
     return networks.reward(params, model_cfg, rssm.features(states))
 

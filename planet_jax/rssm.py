@@ -122,9 +122,12 @@ def observe(params: Params, cfg: ModelConfig, e: jax.Array, a: jax.Array, key: j
     return out
 
 
-def imagine(params: Params, cfg: ModelConfig, state0: RSSMState, a: jax.Array, key: jax.Array
-            ) -> tuple[RSSMState, Gaussian]:
-    """Open-loop prior rollout from state0 under actions a (H, |a|); states and priors, leading H."""
+def imagine(params: Params, cfg: ModelConfig, state0: RSSMState, a: jax.Array, key: jax.Array,
+            unroll: int = 1) -> tuple[RSSMState, Gaussian]:
+    """Open-loop prior rollout from state0 under actions a (H, |a|); states and priors, leading H.
+
+    unroll: steps per iteration of the compiled loop (`lax.scan`'s unroll); the values do not
+    depend on it."""
     chex.assert_rank(a, 2)
 
     def step(state, inputs):
@@ -133,5 +136,5 @@ def imagine(params: Params, cfg: ModelConfig, state0: RSSMState, a: jax.Array, k
         return state, (state, p)
 
     keys = jax.random.split(key, a.shape[0])
-    _, out = jax.lax.scan(step, state0, (a, keys))
+    _, out = jax.lax.scan(step, state0, (a, keys), unroll=unroll)
     return out

@@ -185,8 +185,9 @@ def test_warm_start_sets_the_initial_mean(cfg, params, warm_start):
 
 
 def test_predicted_rewards_and_return_step_by_step(cfg, params):
-    """Per step and summed, against each candidate stepped by hand with imagine's keys."""
-    J, H = 4, 3
+    """Per step and summed, against each candidate stepped by hand with imagine's keys (H not a
+    multiple of the rollout's unroll, so its loop has a remainder)."""
+    J, H = 4, planner.IMAGINE_UNROLL + 2
     state = random_states(cfg, jax.random.PRNGKey(3))
     actions = jax.random.uniform(jax.random.PRNGKey(4), (J, H, ACTION_DIM), minval=-1)
     key = jax.random.PRNGKey(5)

@@ -25,8 +25,8 @@ def test_observe_scan_equals_python_loop(kind):
     assert priors.mean.shape == posts.std.shape == (T, cfg.s_size)
 
 
-@pytest.mark.parametrize("kind", ["rssm", "ssm", "rnn"])
-def test_imagine_scan_equals_python_loop(kind):
+@pytest.mark.parametrize("kind,unroll", [("rssm", 1), ("ssm", 1), ("rnn", 1), ("rssm", 2), ("rssm", 5)])
+def test_imagine_scan_equals_python_loop(kind, unroll):
     cfg = tiny_model(kind=kind)
     params = networks.init_params(cfg, ACTION_DIM, jax.random.PRNGKey(1))
     H = 5
@@ -34,7 +34,7 @@ def test_imagine_scan_equals_python_loop(kind):
     start = rssm.RSSMState(jax.random.normal(jax.random.PRNGKey(5), (cfg.h_size,)),
                            jax.random.normal(jax.random.PRNGKey(6), (cfg.s_size,)))
     key = jax.random.PRNGKey(7)
-    states, priors = rssm.imagine(params, cfg, start, a, key)
+    states, priors = rssm.imagine(params, cfg, start, a, key, unroll=unroll)
     state = start
     for t, k in enumerate(jax.random.split(key, H)):
         h_t, p = rssm.prior(params, cfg, state, a[t])
