@@ -62,10 +62,11 @@ class ModelConfig:
     """How the fast_conv layers compute their stride-2 convolutions (one of CONV_IMPLS, described in
     `planet_jax.ops`): 'auto' measures each layer's candidates once per machine and shape, the
     forward pass and the gradients apart (`planet_jax.autotune`, cached), and leaves 'mixed' only
-    for one at least twice as fast; 'default' takes 'mixed' without measuring; a formulation's name
+    for one that takes at most 60% of its time; 'default' takes 'mixed' without measuring; a formulation's name
     pins it for every layer, and 'conv/auto' (forward/gradients) each pass apart;
     'conv0=taps,deconv3=conv/mixed' pins the named layers (CONV_LAYERS: encoder conv0..conv3, decoder
-    deconv1..deconv3; another name is an error; deconv0, on a 1x1 input, is one matmul with the dense
+    deconv1..deconv3; another name, or a layer pinned twice, is an error in a new config and dropped
+    with a warning from a stored one, `from_dict`; deconv0, on a 1x1 input, is one matmul with the dense
     layer before it, `ops.dense_conv_transpose_1x1`) and leaves the others 'auto'. Applies in the training loss.
     Same result every way, to float32 rounding."""
 
@@ -257,8 +258,9 @@ def conv_impl_pin(spec: str, layer: str) -> str:
     return pins.get(layer, "auto") if isinstance(pins, dict) else pins
 
 
-def _conv_impl_pins(spec: str) -> str | dict[str, str]:
-    """spec's one choice for every layer, or its choices by layer name; ValueError if malformed."""
+def _conv_impl_pins(spec: str, last_wins: bool = False) -> str | dict[str, str]:
+    """spec's one choice for every layer, or its choices by layer name; ValueError if malformed or,
+    unless last_wins, if a layer is pinned twice."""
     words = _CHOICE_WORDS + CONV_IMPLS
 
     def choice(value: str) -> str | None:  # 'taps', or 'forward/gradients' as in 'conv/auto'
@@ -274,7 +276,7 @@ def _conv_impl_pins(spec: str) -> str | dict[str, str]:
             raise ValueError(f"model.conv_impl must be one of {', '.join(words)}, two of them as "
                              f"'forward/gradients', or 'layer=choice,...' (e.g. conv0=taps,deconv3=conv/auto), "
                              f"got {spec!r}")
-        if name in pins:
+        if name in pins and not last_wins:
             raise ValueError(f"model.conv_impl pins {name} twice: {spec!r}")
         pins[name] = impl
     return pins
@@ -371,27 +373,39 @@ RETIRED_FIELDS = {"train": ("checkpoint_every",)}
 
 def from_dict(data: dict) -> Config:
     """The Config of `to_dict`'s output (a config.json); fields in RETIRED_FIELDS are dropped and
-    missing ones take their defaults. A model.conv_impl pin for a layer not in CONV_LAYERS (which
-    run folders written before such pins were rejected may hold, and which never had an effect)
-    is dropped with a warning. Raises TypeError for an unknown field."""
+    missing ones take their defaults. model.conv_impl pins that run folders written before such
+    pins were rejected may hold are mended with a warning, as they ran: a pin of a layer not in
+    CONV_LAYERS (never had an effect) is dropped, and of a layer pinned twice the last is kept.
+    Raises TypeError for an unknown field."""
     kinds = {"model": ModelConfig, "loss": LossConfig, "optim": OptimConfig,
              "planner": PlannerConfig, "train": TrainConfig}
     sections = {k: {name: value for name, value in data[k].items() if name not in RETIRED_FIELDS.get(k, ())}
                 for k in kinds if k in data}
     if isinstance(spec := sections.get("model", {}).get("conv_impl"), str):
-        sections["model"]["conv_impl"] = _without_unknown_layers(spec)
+        sections["model"]["conv_impl"] = _stored_conv_impl(spec)
     return Config(**{k: kinds[k](**fields) for k, fields in sections.items()})
 
 
-def _without_unknown_layers(spec: str) -> str:
-    """conv_impl spec without its pins of layers outside CONV_LAYERS ('auto' if none is left);
-    a malformed spec is returned as it is, for `Config.validate` to reject."""
+def _stored_conv_impl(spec: str) -> str:
+    """A stored conv_impl spec as it ran: without pins of unknown layers ('auto' if none is left),
+    the last of a layer's pins (warning about either); a malformed spec is returned as it is, for
+    `Config.validate` to reject."""
     try:
-        pins = _conv_impl_pins(spec)
+        pins = _conv_impl_pins(spec, last_wins=True)
     except ValueError:
         return spec
-    if not isinstance(pins, dict) or not (unknown := sorted(set(pins) - set(CONV_LAYERS))):
+    if not isinstance(pins, dict):
         return spec
-    warnings.warn(f"model.conv_impl: ignoring the pin of {', '.join(unknown)}, which names no layer "
-                  f"(the stride-2 layers are {', '.join(CONV_LAYERS)})", stacklevel=3)
+    names = [item.partition("=")[0].strip() for item in spec.split(",")]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    unknown = sorted(set(pins) - set(CONV_LAYERS))
+    if not twice and not unknown:
+        return spec
+    notes = []
+    if unknown:
+        notes.append(f"ignoring the pin{'s' * (len(unknown) > 1)} of {', '.join(unknown)}, which "
+                     f"name{'s' * (len(unknown) == 1)} no layer (the stride-2 layers are {', '.join(CONV_LAYERS)})")
+    if twice:
+        notes.append(f"{', '.join(twice)} pinned twice, keeping the last pin")
+    warnings.warn(f"model.conv_impl {spec!r}: {'; '.join(notes)}", stacklevel=3)
     return ",".join(f"{name}={impl}" for name, impl in pins.items() if name in CONV_LAYERS) or "auto"

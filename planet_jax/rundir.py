@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -83,7 +84,9 @@ def prepare(logdir: str | Path, cfg: config.Config, env_name: str, seed: int) ->
     if run_file.exists():
         try:
             run = json.loads(run_file.read_text())
-            stored = config.from_dict(json.loads(cfg_file.read_text()))
+            with warnings.catch_warnings():  # a resume runs the asked conv_impl, not the stored one
+                warnings.filterwarnings("ignore", message="model.conv_impl", category=UserWarning)
+                stored = config.from_dict(json.loads(cfg_file.read_text()))
         except (OSError, ValueError, TypeError, KeyError) as err:
             raise RunError(f"{logdir} holds a run whose run.json/config.json cannot be read ({err}); "
                            "use another --logdir") from None

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -46,18 +47,25 @@ def test_resume_accepts_only_resumable_changes(tmp_path):
         _one_line_error(rundir.prepare, tmp_path, cfg, ENV, 1)
 
 
-def test_an_old_run_with_a_pin_of_no_layer_is_read_without_it(tmp_path):
-    # Run folders written before such pins were rejected may hold one; it never had an effect.
+def test_an_old_run_with_pins_a_new_config_rejects_is_read_as_it_ran(tmp_path):
+    # Run folders written before such pins were rejected may hold them: a pin of no layer never
+    # had an effect, and of a layer pinned twice the last one ran.
     cfg = config.override(config.tiny(), ["model.conv_impl=conv1=taps"])
     rundir.prepare(tmp_path, cfg, ENV, 0)
     stored = json.loads((tmp_path / "config.json").read_text())
-    for spec, kept in (("decov2=taps,conv1=taps,deconv0=xla/auto", "conv1=taps"), ("decov2=taps", "auto")):
+    cases = [("decov2=taps,conv1=taps,deconv0=xla/auto", "conv1=taps",
+              "ignoring the pins of deconv0, decov2, which name no layer \\(the stride-2 layers are conv0, "),
+             ("decov2=taps", "auto", "ignoring the pin of decov2, which names no layer"),
+             ("conv1=xla,conv1=taps", "conv1=taps", "conv1 pinned twice, keeping the last pin"),
+             ("decov2=taps,conv1=xla, conv1 =taps", "conv1=taps", "decov2, which names no layer .*; conv1 pinned twice")]
+    for spec, kept, message in cases:
         stored["model"]["conv_impl"] = spec
         (tmp_path / "config.json").write_text(json.dumps(stored))
-        with pytest.warns(UserWarning, match="ignoring the pin of deconv0, decov2|ignoring the pin of decov2"):
+        with pytest.warns(UserWarning, match=message):
             read, env, seed = rundir.read(tmp_path)
         assert read.model.conv_impl == kept and (env, seed) == (ENV, 0)
-    with pytest.warns(UserWarning, match="decov2"):  # resuming with the flags of the first run
+    with warnings.catch_warnings():  # resuming: the asked conv_impl runs, so nothing to warn about
+        warnings.simplefilter("error")
         assert rundir.prepare(tmp_path, cfg, ENV, 0) == cfg
     stored["model"]["conv_impl"] = "conv1=fastest"  # malformed: still an error
     (tmp_path / "config.json").write_text(json.dumps(stored))
