@@ -15,7 +15,8 @@ measurement):
           travels with a home folder to another machine or jax is not reused there. The folder is
           $PLANET_JAX_CACHE_DIR, else $XDG_CACHE_HOME/planet_jax, else ~/.cache/planet_jax. A
           corrupt or unreadable file is ignored (with an AutotuneWarning) and rewritten; an
-          unwritable folder only loses the memory of the choice.
+          unwritable folder only loses the memory of the choice. Writes hold an flock on
+          `autotune.json.lock` beside it, so processes measuring at once keep each other's entries.
   search  on unless $PLANET_JAX_AUTOTUNE is 0/off/false/no; when off, or when the work is too
           small for timings to mean anything (`MIN_SEARCH_GFLOP`), each op takes its fixed default
           (the rule planet_jax used before it measured). Config values pin a choice per op
@@ -30,12 +31,18 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
+import math
 import os
 import platform
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
+try:
+    import fcntl
+except ImportError:  # Windows: writes are not locked
+    fcntl = None
 
 ENV_CACHE_DIR = "PLANET_JAX_CACHE_DIR"
 ENV_SEARCH = "PLANET_JAX_AUTOTUNE"
@@ -154,8 +161,7 @@ class Tuner:
         stored = entry.get("seconds") if isinstance(entry, dict) else None
         # Cached timings are decided again under today's rule (min_gain, calls); a shape timed before
         # a candidate existed (one missing from its timings) is measured again.
-        cached = (isinstance(stored, dict) and set(names) <= set(stored)
-                  and all(isinstance(stored[n], (int, float)) and not isinstance(stored[n], bool) for n in names))
+        cached = isinstance(stored, dict) and set(names) <= set(stored) and all(_is_timing(stored[n]) for n in names)
         if cached:
             seconds = {n: float(stored[n]) for n in names}
         else:
@@ -167,7 +173,7 @@ class Tuner:
         if not cached:
             self._write(op, key, {"choice": choice, "seconds": {n: round(s, 6) for n, s in seconds.items()}})
         elif entry.get("choice") != choice:  # so that reports (`choices`) show what is used
-            self._write(op, key, {**entry, "choice": choice})
+            self._write(op, key, {**entry, "choice": choice}, quiet=True)
         return choice
 
     def _read(self) -> dict:
@@ -189,17 +195,29 @@ class Tuner:
             warnings.warn(f"autotune cache {self.path} ignored ({err}); it will be rewritten", AutotuneWarning)
             return {}
 
-    def _write(self, op: str, key: str, entry: dict) -> None:
-        entries = self._read()
-        entries.setdefault(self.machine, {}).setdefault(op, {})[key] = entry
+    def _write(self, op: str, key: str, entry: dict, quiet: bool = False) -> None:
+        """Adds one entry; the read-modify-write holds an flock on a lock file beside the cache, so
+        processes writing at once (test workers, benchmark processes) keep each other's entries.
+        quiet: no warning if the folder cannot be written (an entry that can be worked out again)."""
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps({"version": CACHE_VERSION, "entries": entries}, indent=1, sort_keys=True))
-            os.replace(tmp, self.path)  # atomic: a concurrent reader sees the old or the new file
+            with open(self.path.with_name(f"{self.path.name}.lock"), "a") as lock:
+                if fcntl is not None:
+                    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+                entries = self._read()
+                entries.setdefault(self.machine, {}).setdefault(op, {})[key] = entry
+                tmp.write_text(json.dumps({"version": CACHE_VERSION, "entries": entries}, indent=1, sort_keys=True))
+                os.replace(tmp, self.path)  # atomic: a reader without the lock sees the old or the new file
         except OSError as err:
-            warnings.warn(f"autotune cache {self.path} not written ({err}); the choice is not remembered",
-                          AutotuneWarning)
+            if not quiet:
+                warnings.warn(f"autotune cache {self.path} not written ({err}); the choice is not remembered",
+                              AutotuneWarning)
+
+
+def _is_timing(value: Any) -> bool:
+    """A usable cached time: a finite positive number (not a bool, NaN or a hand-edited string)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def choices(tuner: Tuner | None = None) -> dict[str, dict[str, Any]]:

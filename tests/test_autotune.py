@@ -2,6 +2,9 @@
 three users (conv layers, image groups, the planner's batching). Timers are fakes, so no test
 depends on how fast anything runs."""
 import json
+import subprocess
+import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -92,12 +95,38 @@ def test_cached_timings_are_decided_again_under_a_changed_rule_without_timing(tm
     assert autotune.choices(tuner(tmp_path, never_timed))["op"]["s"] == {
         "choice": "b", "seconds": {"a": 1.0, "b": 0.55, "c": 2.0}}
     assert tuner(tmp_path, never_timed).choose("op", "s", CANDIDATES, "a", calls={"b": 2}) == "a"
-    # A timing that is not a number (edited by hand) is measured again.
-    data = json.loads(path.read_text())
-    data["entries"]["test machine"]["op"]["s"]["seconds"]["c"] = "fast"
-    path.write_text(json.dumps(data))
-    timer = FakeTimer({"a": 1.0, "b": 2.0, "c": 0.1})
-    assert tuner(tmp_path, timer).choose("op", "s", CANDIDATES, "a") == "c" and timer.timed == ["a", "b", "c"]
+    # An unchanged choice leaves the file as it is.
+    mtime = path.stat().st_mtime_ns
+    assert tuner(tmp_path, never_timed).choose("op", "s", CANDIDATES, "a", calls={"b": 2}) == "a"
+    assert path.stat().st_mtime_ns == mtime
+    # A timing that is not a usable number (edited by hand, NaN, not positive) is measured again.
+    for bad in ("fast", float("nan"), -1.0, 0.0, True):
+        data = json.loads(path.read_text())
+        data["entries"]["test machine"]["op"]["s"]["seconds"]["c"] = bad
+        path.write_text(json.dumps(data))
+        timer = FakeTimer({"a": 1.0, "b": 2.0, "c": 0.1})
+        assert tuner(tmp_path, timer).choose("op", "s", CANDIDATES, "a") == "c" and timer.timed == ["a", "b", "c"]
+
+
+def test_a_changed_choice_that_cannot_be_written_back_is_still_taken_without_a_warning(tmp_path):
+    tuner(tmp_path, FakeTimer({"a": 1.0, "b": 0.55, "c": 2.0})).choose("op", "s", CANDIDATES, "a", min_gain=0.5)
+    lock = tmp_path / "cache" / "autotune.json.lock"
+    lock.unlink()
+    lock.mkdir()  # the lock cannot be opened, so nothing is written
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            assert tuner(tmp_path, never_timed).choose("op", "s", CANDIDATES, "a", min_gain=0.4) == "b"
+    assert autotune.choices(tuner(tmp_path, never_timed))["op"]["s"]["choice"] == "a"
+
+
+def test_processes_writing_at_once_keep_each_others_entries(tmp_path):
+    script = (f"import sys; from planet_jax import autotune; from pathlib import Path\n"
+              f"t = autotune.Tuner(Path({str(tmp_path / 'cache' / 'autotune.json')!r}), True, lambda n, b: 1.0, 'm')\n"
+              f"for i in range(30): t.choose('op', f'{{sys.argv[1]}} {{i}}', {{'a': None}}, 'a')\n")
+    workers = [subprocess.Popen([sys.executable, "-c", script, str(w)]) for w in range(4)]
+    assert [w.wait(timeout=120) for w in workers] == [0] * 4
+    assert len(autotune.choices(tuner(tmp_path, never_timed, machine="m"))["op"]) == 120
 
 
 @pytest.mark.parametrize("text", ["{not json", '{"version": 0, "entries": {}}', "[1, 2]",
