@@ -112,7 +112,8 @@ def plan_batching(model_cfg: ModelConfig, planner_cfg: PlannerConfig, action_dim
     # Per environment: with little work each, the batching changes nothing worth timing.
     gflop = p.iterations * p.candidates * p.horizon * (transition + reward) / 1e9
     key = (f"N{n} H{p.horizon} I{p.iterations} J{p.candidates} K{p.top_k} warm{int(p.warm_start)} a{action_dim} "
-           f"{m.kind} h{m.h_size} s{m.s_size} hidden{m.hidden} reward{m.reward_hidden}x{m.reward_layers}")
+           f"{m.kind} h{m.h_size} s{m.s_size} hidden{m.hidden} reward{m.reward_hidden}x{m.reward_layers} "
+           f"unroll{IMAGINE_UNROLL}")
     pin = p.batching if n > 1 or p.batching != "auto" else "default"  # one environment: the same
     return (tuner or autotune.Tuner()).choose("planner.batching", key, candidates, default, pin, gflop)
 
