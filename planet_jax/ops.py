@@ -3,8 +3,8 @@
 XLA:CPU lowers `lax.conv_transpose` (an lhs-dilated convolution) and, worse, its gradients to slow
 generic loops, far below the machine's matmul rate (docs/performance.md). `conv_transpose_s2` computes exactly what
 `flax.linen.ConvTranspose(O, (k, k), strides=(2, 2), padding='VALID')` computes, with
-ordinary stride-1 convolutions, matmuls, pads/reshapes and gathers of shifted windows only, in
-both passes:
+ordinary stride-1 convolutions, matmuls and pads/reshapes in both passes (and, in some of the
+gradients, one gather of shifted windows):
 
   flax's transposed conv (transpose_kernel=False) scatters each input pixel through the spatially
   flipped kernel, y[2i + p, 2j + q] += x[i, j] @ S[p, q] with S = kernel[::-1, ::-1]. Writing

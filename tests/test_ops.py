@@ -235,7 +235,7 @@ def _gathers(fn, *args) -> int:
 
 
 @pytest.mark.parametrize("k,c_in,c_out,shared", [(6, 12, 8, True), (4, 16, 8, True), (5, 12, 8, False),
-                                                 (6, 4, 3, False)])
+                                                 (6, 4, 3, False), (6, 8, 8, False), (6, 8, 9, True)])
 def test_mixed_shares_the_gathered_windows_for_even_k_unless_narrow(k, c_in, c_out, shared):
     """The transposed conv's gradients under 'mixed' gather dy's windows once exactly where
     ops._backward documents it (even k, 4 * O * I above _MAX_CONV_CHANNELS); 'im2col' always for
