@@ -53,8 +53,8 @@ CACHE_VERSION = 2  # 2: a choice keeps the default unless another candidate save
 # any machine, so the default is taken without measuring (this keeps tiny test models from searching).
 MIN_SEARCH_GFLOP = 0.05
 
-# A candidate builder returns a zero-argument callable that runs the candidate once, on concrete
-# inputs, and blocks until it is done; its first call may compile.
+# A candidate builder compiles the candidate and returns a zero-argument callable that runs it once,
+# on concrete inputs, and blocks until it is done (a first call that compiled would be timed too).
 Builder = Callable[[], Callable[[], Any]]
 # A timer gets the candidate's name and builder and returns its time per call in seconds.
 Timer = Callable[[str, Builder], float]
@@ -109,12 +109,18 @@ def machine_id() -> str:
 
 
 def time_candidate(name: str, build: Builder, budget_s: float = 1.0, reps: int = 5) -> float:
-    """Seconds per call of a candidate: built and called once (compilation, warm-up), then the
-    minimum over up to `reps` timed calls, stopping once `budget_s` is spent. The minimum, since on
-    a shared machine other work only ever adds time."""
+    """Seconds per call of a candidate: built (compiled) and called once (warm-up), then the minimum
+    over up to `reps` timed calls, stopping once `budget_s` is spent. The minimum, since on a shared
+    machine other work only ever adds time. A warm-up call that alone takes longer than `budget_s`
+    is the measurement: such candidates (XLA:CPU's strided-conv gradients, seconds per call where
+    the reformulations take tens of milliseconds) cost a first run minutes if called again."""
     del name
     run = build()
+    t0 = time.perf_counter()
     run()
+    warm_up = time.perf_counter() - t0
+    if warm_up > budget_s:
+        return warm_up
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < reps and (not times or time.perf_counter() - start < budget_s):

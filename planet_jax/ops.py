@@ -578,11 +578,11 @@ def _timed_layer(op: Callable, impl: str, pass_: str, x_shape: tuple[int, ...], 
     kernel = jax.random.normal(kk, kernel_shape) / kernel_shape[0]
     fn = lambda x, w: op(x, w, None, dtype, impl)
     if pass_ == "forward":
-        run = jax.jit(lambda x, w: jax.lax.map(lambda x: fn(x, w), x))
+        run = jax.jit(lambda x, w: jax.lax.map(lambda x: fn(x, w), x)).lower(x, kernel).compile()
         return lambda: jax.block_until_ready(run(x, kernel))
     g = jax.random.normal(kg, (_LOOP_GROUPS,) + jax.eval_shape(fn, x[0], kernel).shape)
     vjp = lambda x, w, g: jax.vjp(fn, x, w)[1](g)
-    grads = jax.jit(lambda x, w, g: jax.lax.map(lambda xg: vjp(xg[0], w, xg[1]), (x, g)))
+    grads = jax.jit(lambda x, w, g: jax.lax.map(lambda xg: vjp(xg[0], w, xg[1]), (x, g))).lower(x, kernel, g).compile()
     return lambda: jax.block_until_ready(grads(x, kernel, g))
 
 

@@ -4,6 +4,7 @@ depends on how fast anything runs."""
 import json
 import subprocess
 import sys
+import time
 import warnings
 
 import jax
@@ -66,6 +67,22 @@ def test_a_choice_cached_before_a_candidate_existed_is_measured_again(tmp_path):
     data["entries"]["test machine"]["op"]["s"]["seconds"] = 5.0
     path.write_text(json.dumps(data))
     assert tuner(tmp_path, FakeTimer({"a": 1.0, "b": 2.0, "c": 3.0})).choose("op", "s", CANDIDATES, "c") == "a"
+
+
+def test_a_candidate_slower_than_the_budget_in_its_warm_up_call_is_not_called_again():
+    calls = []
+
+    def build(seconds):
+        def run():
+            calls.append(seconds)
+            time.sleep(seconds)
+        return lambda: run
+
+    assert autotune.time_candidate("slow", build(0.05), budget_s=0.01, reps=5) >= 0.05
+    assert calls == [0.05]  # its warm-up is its measurement
+    calls.clear()
+    assert 0.001 <= autotune.time_candidate("fast", build(0.001), budget_s=10.0, reps=3) < 0.05
+    assert calls == [0.001] * 4  # warm-up, then `reps` timed calls within the budget
 
 
 def test_ties_go_to_the_default_and_calls_weigh_the_times(tmp_path):
