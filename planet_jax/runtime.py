@@ -118,9 +118,6 @@ def restart_with_huge_pages() -> None:
 
 
 ENV_COMPILATION_CACHE = "PLANET_JAX_COMPILATION_CACHE"
-# The most the compilation cache folder planet_jax picks may hold (bytes): jax then deletes the
-# least recently used programs (its LRU eviction, which locks the folder with the filelock package).
-COMPILATION_CACHE_MAX_BYTES = 2 * 1024 ** 3
 
 
 def use_compilation_cache() -> Path | None:
@@ -134,11 +131,9 @@ def use_compilation_cache() -> Path | None:
     user gave jax (JAX_COMPILATION_CACHE_DIR or `jax_compilation_cache_dir`) is kept as it is and
     returned; with jax's cache disabled (`jax_enable_compilation_cache`) or
     $PLANET_JAX_COMPILATION_CACHE = 0/off/false/no it stays off. A folder that cannot be created or
-    written leaves the cache off with one warning. That folder holds at most
-    COMPILATION_CACHE_MAX_BYTES, least recently used programs deleted first, unless the user set
-    jax's `jax_compilation_cache_max_size` (JAX_COMPILATION_CACHE_MAX_SIZE). A damaged entry (a run
-    killed while writing it) makes jax warn and compile that program on every run, since jax never
-    overwrites an entry: delete the folder to clear it.
+    written leaves the cache off with one warning. A damaged entry (a run killed while writing it)
+    makes jax warn and compile that program on every run, since jax never overwrites an entry:
+    delete the folder to clear it.
     Call it before the first compilation; the entry points in experiments/ do.
     """
     import jax
@@ -161,6 +156,4 @@ def use_compilation_cache() -> Path | None:
         warnings.warn(f"compiled programs are not kept between runs: cannot write to {folder} ({err})")
         return None
     jax.config.update("jax_compilation_cache_dir", str(folder))
-    if jax.config.jax_compilation_cache_max_size == -1:  # jax's default: no bound
-        jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
     return folder

@@ -14,13 +14,11 @@ from planet_jax import autotune, runtime
 def no_cache_dir(monkeypatch):
     """jax's cache folder unset for the test (the suite's own is put back after it); nothing is
     compiled meanwhile, so jax never opens a cache at the test's folders."""
-    saved = jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size
+    saved = jax.config.jax_compilation_cache_dir
     jax.config.update("jax_compilation_cache_dir", None)
-    jax.config.update("jax_compilation_cache_max_size", -1)
     monkeypatch.delenv(runtime.ENV_COMPILATION_CACHE, raising=False)
     yield
-    jax.config.update("jax_compilation_cache_dir", saved[0])
-    jax.config.update("jax_compilation_cache_max_size", saved[1])
+    jax.config.update("jax_compilation_cache_dir", saved)
 
 
 def test_cache_goes_to_a_folder_per_machine_in_the_users_cache(no_cache_dir, monkeypatch, tmp_path):
@@ -29,14 +27,6 @@ def test_cache_goes_to_a_folder_per_machine_in_the_users_cache(no_cache_dir, mon
     assert folder.parent == tmp_path / "xla" and folder.is_dir()
     assert " " not in folder.name and autotune.machine_id().split()[-1] in folder.name  # the jax version
     assert jax.config.jax_compilation_cache_dir == str(folder)
-    assert jax.config.jax_compilation_cache_max_size == runtime.COMPILATION_CACHE_MAX_BYTES  # bounded
-
-
-def test_a_bound_the_user_gave_jax_is_kept(no_cache_dir, monkeypatch, tmp_path):
-    monkeypatch.setenv(autotune.ENV_CACHE_DIR, str(tmp_path))
-    jax.config.update("jax_compilation_cache_max_size", 12345)
-    assert runtime.use_compilation_cache().parent == tmp_path / "xla"
-    assert jax.config.jax_compilation_cache_max_size == 12345
 
 
 @pytest.mark.parametrize("value", ["0", "off", "False", " no "])
@@ -51,7 +41,6 @@ def test_a_folder_the_user_gave_jax_is_kept(no_cache_dir, tmp_path):
     jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))
     assert runtime.use_compilation_cache() == tmp_path / "mine"
     assert jax.config.jax_compilation_cache_dir == str(tmp_path / "mine")
-    assert jax.config.jax_compilation_cache_max_size == -1  # the user's folder, the user's rules
 
 
 def test_the_switch_does_not_hide_a_folder_the_user_gave_jax(no_cache_dir, monkeypatch, tmp_path):
