@@ -79,7 +79,10 @@ def test_a_candidate_slower_than_the_budget_in_its_warm_up_call_is_not_called_ag
         return lambda: run
 
     assert autotune.time_candidate("slow", build(0.05), budget_s=0.01, reps=5) >= 0.05
-    assert calls == [0.05]  # its warm-up is its measurement
+    assert calls == [0.05]  # its warm-up, over 3 budgets, is its measurement
+    calls.clear()
+    assert autotune.time_candidate("near", build(0.03), budget_s=0.02, reps=5) >= 0.03
+    assert calls == [0.03, 0.03]  # over the budget but within 3 of it: warm-up, then one timed call
     calls.clear()
     assert 0.001 <= autotune.time_candidate("fast", build(0.001), budget_s=10.0, reps=3) < 0.05
     assert calls == [0.001] * 4  # warm-up, then `reps` timed calls within the budget
