@@ -258,9 +258,20 @@ def conv_impl_pin(spec: str, layer: str) -> str:
     return pins.get(layer, "auto") if isinstance(pins, dict) else pins
 
 
-def _conv_impl_pins(spec: str, last_wins: bool = False) -> str | dict[str, str]:
-    """spec's one choice for every layer, or its choices by layer name; ValueError if malformed or,
-    unless last_wins, if a layer is pinned twice."""
+def _conv_impl_pins(spec: str) -> str | dict[str, str]:
+    """spec's one choice for every layer, or its choices by layer name; ValueError if malformed or
+    if a layer is pinned twice."""
+    items = _conv_impl_items(spec)
+    if isinstance(items, str):
+        return items
+    if twice := _pinned_twice(items):
+        raise ValueError(f"model.conv_impl pins {', '.join(twice)} twice: {spec!r}")
+    return dict(items)
+
+
+def _conv_impl_items(spec: str) -> str | list[tuple[str, str]]:
+    """spec's one choice for every layer, or its (layer name, choice) pins in the order written;
+    ValueError if malformed."""
     words = _CHOICE_WORDS + CONV_IMPLS
 
     def choice(value: str) -> str | None:  # 'taps', or 'forward/gradients' as in 'conv/auto'
@@ -268,7 +279,7 @@ def _conv_impl_pins(spec: str, last_wins: bool = False) -> str | dict[str, str]:
         return "/".join(parts) if all(part in words for part in parts) else None
     if whole := choice(spec):
         return whole
-    pins = {}
+    items = []
     for item in spec.split(","):
         name, sep, impl = (part.strip() for part in item.partition("="))
         impl = choice(impl)
@@ -276,10 +287,13 @@ def _conv_impl_pins(spec: str, last_wins: bool = False) -> str | dict[str, str]:
             raise ValueError(f"model.conv_impl must be one of {', '.join(words)}, two of them as "
                              f"'forward/gradients', or 'layer=choice,...' (e.g. conv0=taps,deconv3=conv/auto), "
                              f"got {spec!r}")
-        if name in pins and not last_wins:
-            raise ValueError(f"model.conv_impl pins {name} twice: {spec!r}")
-        pins[name] = impl
-    return pins
+        items.append((name, impl))
+    return items
+
+
+def _pinned_twice(items: list[tuple[str, str]]) -> list[str]:
+    names = [name for name, _ in items]
+    return sorted({name for name in names if names.count(name) > 1})
 
 
 def paper() -> Config:
@@ -391,13 +405,12 @@ def _stored_conv_impl(spec: str) -> str:
     the last of a layer's pins (warning about either); a malformed spec is returned as it is, for
     `Config.validate` to reject."""
     try:
-        pins = _conv_impl_pins(spec, last_wins=True)
+        items = _conv_impl_items(spec)
     except ValueError:
         return spec
-    if not isinstance(pins, dict):
+    if isinstance(items, str):
         return spec
-    names = [item.partition("=")[0].strip() for item in spec.split(",")]
-    twice = sorted({name for name in names if names.count(name) > 1})
+    pins, twice = dict(items), _pinned_twice(items)  # dict: a layer's last pin
     unknown = sorted(set(pins) - set(CONV_LAYERS))
     if not twice and not unknown:
         return spec
