@@ -6,6 +6,7 @@ explicit parameter pytree (see `init_params`). Images are NHWC, 64x64x3.
 from __future__ import annotations
 
 import functools
+import math
 import types
 from typing import Any, Mapping
 
@@ -227,10 +228,15 @@ def dequantisation_noise(key: jax.Array, shape: tuple[int, ...], bins: float) ->
     of a word go to the two halves of axis -2, so each value depends on the part of the key stream
     of its own leading index, which keeps a batch split over devices local).
     """
-    half = shape[:-2] + ((shape[-2] + 1) // 2, shape[-1])
-    words = jax.random.bits(key, half, jnp.uint32)
+    *lead, w, c = shape
+    half = (w + 1) // 2
+    # The words of `jax.random.bits(key, (*lead, half, c))`, drawn with the axes after the first
+    # merged: threefry numbers each word by its flat index, so the words are the same, and XLA:CPU
+    # draws them faster along one long minor axis than along a minor axis of c channels.
+    words = jax.random.bits(key, (*lead[:1], math.prod(lead[1:]) * half * c), jnp.uint32)
+    words = words.reshape(*lead, half, c)
     u = jnp.concatenate([words >> NOISE_BITS, words & (2 ** NOISE_BITS - 1)], axis=-2)
-    return (u[..., :shape[-2], :].astype(jnp.float32) + 0.5) / (2 ** NOISE_BITS * bins)
+    return (u[..., :w, :].astype(jnp.float32) + 0.5) / (2 ** NOISE_BITS * bins)
 
 
 def preprocess(o: jax.Array, key: jax.Array | None, bit_depth: int = 5) -> jax.Array:

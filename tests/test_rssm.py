@@ -118,6 +118,20 @@ def test_dequantisation_noise_is_uniform_over_the_bin():
     # The value of one image depends on the key only: an odd width and other leading shapes work.
     odd = np.asarray(networks.dequantisation_noise(jax.random.PRNGKey(3), (2, 5, 7, 3), 32.0))
     assert odd.shape == (2, 5, 7, 3) and odd.min() > 0 and odd.max() < 1 / 32
+    # The words are those of a draw shaped (..., ceil(W / 2), C) (the function draws them with the
+    # axes merged), split into halves by a plain loop.
+    for shape in [(2, 5, 7, 3), (3, 2, 4, 6, 2), (5, 3)]:
+        words = np.asarray(jax.random.bits(jax.random.PRNGKey(4), shape[:-2] + ((shape[-2] + 1) // 2, shape[-1]),
+                                           jnp.uint32))
+        expected = np.empty(shape, np.float64)
+        for index in np.ndindex(*shape):
+            *lead, x, c = index
+            half = words.shape[-2]
+            word = int(words[(*lead, x % half, c)])
+            u = word >> 16 if x < half else word & 0xFFFF
+            expected[index] = (u + 0.5) / (2 ** 16 * 32)
+        got = np.asarray(networks.dequantisation_noise(jax.random.PRNGKey(4), shape, 32.0))
+        np.testing.assert_array_equal(got, expected.astype(np.float32))
 
 
 def test_gaussian_sample_and_log_likelihood_equal_the_closed_forms():
