@@ -52,6 +52,10 @@ def test_samples_are_clipped_and_refit_is_the_population_std_of_the_elites():
     (actions,) = seen
     assert actions.min() >= low and actions.max() <= high
     assert np.mean(actions == high) > 0.2  # wide N(0, 2^2) samples really were clipped
+    # The samples of the first refit: N(0, 2^2) drawn as (J, H, A) from the refit's key.
+    k_sample = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(3), 0))[0]
+    expected = np.clip(2.0 * np.asarray(jax.random.normal(k_sample, (64, H, A))), low, high)
+    np.testing.assert_allclose(actions, expected, rtol=1e-6, atol=1e-7)
     elites = actions[np.argsort(-actions[:, 0, 0])[:8]]
     np.testing.assert_allclose(result.mean, elites.mean(0), atol=1e-6)
     np.testing.assert_allclose(result.std, elites.std(0, ddof=0), atol=1e-6)
