@@ -178,8 +178,9 @@ def _timed_groups(cfg: ModelConfig, group: int, groups: int, length: int,
 
 
 def _by_groups(fn, xs, cfg: ModelConfig):
-    """fn over the leading (batch) axis of the pytree xs, `image_group(cfg, ...)` sequences at a
-    time (see `ModelConfig.image_group`), with the conv layers as `ModelConfig.conv_impl` says.
+    """fn over the pytree xs of per-frame values (B, T, ...), `image_group(cfg, ...)` sequences at
+    a time (see `ModelConfig.image_group`), with the conv layers as `ModelConfig.conv_impl` says.
+    fn maps frames with any leading axes, (..., frame) -> (..., result), as the encoder and decoder do.
 
     Groups run one after another (`lax.map`), so the encoder's and decoder's large intermediates
     exist for one group of sequences at a time: less peak memory, and working sets that stay in
@@ -191,10 +192,13 @@ def _by_groups(fn, xs, cfg: ModelConfig):
         if group >= batch:
             return fn(xs)
         # fn sees whole groups (not lax.map's batch_size, which vmaps fn over each group's entries:
-        # that turns the transposed convs' custom backward into per-entry kernel gradients).
+        # that turns the transposed convs' custom backward into per-entry kernel gradients), with
+        # their frames on one axis: then an input the backward pass needs is the loop's input
+        # itself, which the loop does not stack again (fn's own reshape to one axis would be a
+        # new value, stacked per group).
         n, rest = divmod(batch, group)
-        split = lambda v: v[:n * group].reshape((n, group) + v.shape[1:])
-        ys = jax.tree.map(lambda v: v.reshape((n * group,) + v.shape[2:]),
+        split = lambda v: v[:n * group].reshape((n, group * length) + v.shape[2:])
+        ys = jax.tree.map(lambda v: v.reshape((n * group, length) + v.shape[2:]),
                           jax.lax.map(fn, jax.tree.map(split, xs)))
         if rest:
             tail = fn(jax.tree.map(lambda v: v[n * group:], xs))
