@@ -1,3 +1,5 @@
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,18 +121,20 @@ def test_dequantisation_noise_is_uniform_over_the_bin():
     odd = np.asarray(networks.dequantisation_noise(jax.random.PRNGKey(3), (2, 5, 7, 3), 32.0))
     assert odd.shape == (2, 5, 7, 3) and odd.min() > 0 and odd.max() < 1 / 32
     # The words are those of a draw shaped (..., ceil(W / 2), C) (the function draws them with the
-    # axes merged), split into halves by a plain loop.
-    for shape in [(2, 5, 7, 3), (3, 2, 4, 6, 2), (5, 3)]:
-        words = np.asarray(jax.random.bits(jax.random.PRNGKey(4), shape[:-2] + ((shape[-2] + 1) // 2, shape[-1]),
-                                           jnp.uint32))
+    # axes merged), split into halves by a plain loop, in both of jax's threefry modes.
+    bits, low = networks.NOISE_BITS, 2 ** networks.NOISE_BITS - 1
+    for partitionable, shape in itertools.product([True, False], [(2, 5, 7, 3), (3, 2, 4, 6, 2), (5, 3)]):
+        with jax.threefry_partitionable(partitionable):
+            words = np.asarray(jax.random.bits(jax.random.PRNGKey(4), shape[:-2] + ((shape[-2] + 1) // 2, shape[-1]),
+                                               jnp.uint32))
+            got = np.asarray(networks.dequantisation_noise(jax.random.PRNGKey(4), shape, 32.0))
         expected = np.empty(shape, np.float64)
         for index in np.ndindex(*shape):
             *lead, x, c = index
             half = words.shape[-2]
             word = int(words[(*lead, x % half, c)])
-            u = word >> 16 if x < half else word & 0xFFFF
-            expected[index] = (u + 0.5) / (2 ** 16 * 32)
-        got = np.asarray(networks.dequantisation_noise(jax.random.PRNGKey(4), shape, 32.0))
+            u = word >> bits if x < half else word & low
+            expected[index] = (u + 0.5) / (2 ** bits * 32)
         np.testing.assert_array_equal(got, expected.astype(np.float32))
 
 
