@@ -16,7 +16,10 @@ gradients, one gather of shifted windows):
     d/dx      one stride-1 VALID conv of space-to-depth(dy) with the phase kernels;
     d/dkernel A^2 matmuls x^T @ shifted windows of space-to-depth(dy), taps past k skipped;
     or, for even k, both gradients from the A^2 windows gathered once side by side: dx one
-              matmul of them with the phase kernels, d/dkernel one matmul x^T @ them (`_im2col`).
+              matmul of them with the phase kernels, d/dkernel one matmul x^T @ them (`_im2col`);
+    or, on tiny inputs (where the forward pass is the matmul and overlap-add), the transpose of
+              that: each input pixel's k x k patch of dy gathered once, dx = patches @ S^T and
+              d/dkernel = x^T @ patches (`_backward_matmul`).
 The stride-1 convolutions above are themselves matmuls (`_conv_s1`): the shifted windows side by
 side in channels and one matmul; one matmul per tap, summed; one matmul of the unshifted input with
 all taps side by side, whose per-tap outputs are then shifted and summed; or XLA's stride-1 conv for
@@ -85,7 +88,8 @@ _MAX_CONV_CHANNELS = 256
 #           side by side, then the taps' outputs shifted into place and summed;
 #   mixed   the reformulation, per correlation: conv when narrow (_MAX_CONV_CHANNELS), otherwise
 #           im2col or taps, whichever copies the narrower of input and output; but the transposed
-#           conv's gradients with even k, unless narrow, share one im2col (as 'im2col' does there);
+#           conv's gradients with even k, unless narrow, share one im2col (as 'im2col' does there),
+#           and on the tiny inputs its forward pass takes as a matmul are that matmul's transpose;
 #   'f/b'   (two of the above) formulation f in the forward pass, b in the gradients.
 # 'mixed' is the default when nothing is measured; `layer_impl` measures (planet_jax.autotune).
 DEFAULT_CONV_IMPL = "mixed"
@@ -336,10 +340,29 @@ def _forward(x: jax.Array, kernel: jax.Array, dtype: str, impl: str) -> jax.Arra
     return _forward_phase_conv(x, kernel, dtype, impl)
 
 
+def _backward_matmul(x: jax.Array, kernel: jax.Array, dy: jax.Array, dtype: str
+                     ) -> tuple[jax.Array, jax.Array]:
+    """The gradients of `_forward_matmul`: dy's k x k patch under each input pixel, gathered once
+    (the transpose of the overlap-add), then dx = patches @ S^T and dS = x^T @ patches, two matmuls
+    over every pixel with no zero taps."""
+    k, _, c_in, c_out = kernel.shape
+    b, h, w, _ = x.shape
+    # Pixel (i, j)'s tap (p, q) landed on y[2i + p, 2j + q] (module docstring).
+    rows = 2 * jnp.arange(h)[:, None, None, None] + jnp.arange(k)[None, None, :, None]
+    cols = 2 * jnp.arange(w)[None, :, None, None] + jnp.arange(k)[None, None, None, :]
+    patches = dy[:, rows, cols].reshape(b, h, w, k * k * c_out)  # (B, h, w, (p, q, O))
+    s = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(c_in, k * k * c_out)
+    dx = _dot(patches, s.T, dtype)
+    d_s = _dot_t(x, patches, dtype).reshape(c_in, k, k, c_out).transpose(1, 2, 0, 3)
+    return dx, d_s[::-1, ::-1]
+
+
 def _backward(x: jax.Array, kernel: jax.Array, dy: jax.Array, dtype: str, impl: str
               ) -> tuple[jax.Array, jax.Array]:
     k, _, c_in, c_out = kernel.shape
     b, h, w, _ = x.shape
+    if impl == "mixed" and _phase_conv_waste(h, w, k) > _MAX_PHASE_CONV_WASTE:
+        return _backward_matmul(x, kernel, dy, dtype)
     a = (k + 1) // 2
     hp, wp = h + a - 1, w + a - 1
     dy = jnp.pad(dy, ((0, 0), (0, 2 * hp - dy.shape[1]), (0, 2 * wp - dy.shape[2]), (0, 0)))

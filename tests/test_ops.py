@@ -1,6 +1,7 @@
 """The fast stride-2 convolutions equal flax's Conv and ConvTranspose, values and gradients."""
 import contextlib
 import io
+import itertools
 import re
 
 import flax.linen as nn
@@ -239,14 +240,40 @@ def _gathers(fn, *args) -> int:
 def test_mixed_shares_the_gathered_windows_for_even_k_unless_narrow(k, c_in, c_out, shared):
     """The transposed conv's gradients under 'mixed' gather dy's windows once exactly where
     ops._backward documents it (even k, 4 * O * I above _MAX_CONV_CHANNELS); 'im2col' always for
-    even k, 'taps' never."""
-    x, kernel = jnp.ones((2, 5, 6, c_in)), jnp.ones((k, k, c_in, c_out))
+    even k, 'taps' never. (An 11 x 12 input: the forward pass is the phase conv for every k here.)"""
+    x, kernel = jnp.ones((2, 11, 12, c_in)), jnp.ones((k, k, c_in, c_out))
     g = jnp.ones(jax.eval_shape(lambda x, w: ops.conv_transpose_s2(x, w), x, kernel).shape)
     backward = lambda impl: lambda x, w, g: jax.vjp(lambda x, w: ops.conv_transpose_s2(x, w, impl=impl),
                                                     x, w)[1](g)
     assert (_gathers(backward("mixed"), x, kernel, g) > 0) == shared
     assert (_gathers(backward("im2col"), x, kernel, g) > 0) == (k % 2 == 0)
     assert _gathers(backward("taps"), x, kernel, g) == 0
+
+
+@pytest.mark.parametrize("k,h,w,matmul", [(5, 5, 5, True), (5, 4, 7, True), (4, 1, 1, True), (5, 11, 12, False),
+                                           (6, 5, 6, False)])
+def test_mixed_gradients_on_tiny_inputs_are_the_forward_matmuls_transpose(k, h, w, matmul):
+    """Where the forward pass is one matmul and an overlap-add (the phase conv would mostly multiply
+    padding), 'mixed' takes the gradients as that matmul's transpose: one gather of dy's patches and
+    two matmuls, no convolution or per-shift slices; elsewhere the phase formulation. Values: below
+    against a plain loop over pixels and taps."""
+    assert (ops._phase_conv_waste(h, w, k) > ops._MAX_PHASE_CONV_WASTE) == matmul
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, h, w, 6))
+    kernel = jax.random.normal(jax.random.PRNGKey(1), (k, k, 6, 5))
+    g = jax.random.normal(jax.random.PRNGKey(2), jax.eval_shape(lambda x, w: ops.conv_transpose_s2(x, w), x, kernel).shape)
+    backward = lambda x, w, g: jax.vjp(lambda x, w: ops.conv_transpose_s2(x, w, impl="mixed"), x, w)[1](g)
+    jaxpr = str(jax.make_jaxpr(backward)(x, kernel, g))
+    if matmul:
+        assert jaxpr.count("gather[") == 1 and "conv_general_dilated" not in jaxpr
+    # y[2i + p, 2j + q] += x[i, j] @ kernel[k - 1 - p, k - 1 - q] (flax's convention): its gradients by loops.
+    xn, kn, gn = (np.asarray(v, np.float64) for v in (x, kernel, g))
+    dx, dk = np.zeros_like(xn), np.zeros_like(kn)
+    for i, j, p, q in itertools.product(range(h), range(w), range(k), range(k)):
+        dx[:, i, j] += gn[:, 2 * i + p, 2 * j + q] @ kn[k - 1 - p, k - 1 - q].T
+        dk[k - 1 - p, k - 1 - q] += xn[:, i, j].T @ gn[:, 2 * i + p, 2 * j + q]
+    got_dx, got_dk = backward(x, kernel, g)
+    np.testing.assert_allclose(got_dx, dx, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got_dk, dk, rtol=1e-4, atol=1e-4)
 
 
 def _convolutions(fn, *args) -> int:
