@@ -344,7 +344,8 @@ def _backward_matmul(x: jax.Array, kernel: jax.Array, dy: jax.Array, dtype: str
                      ) -> tuple[jax.Array, jax.Array]:
     """The gradients of `_forward_matmul`: dy's k x k patch under each input pixel, gathered once
     (the transpose of the overlap-add), then dx = patches @ S^T and dS = x^T @ patches, two matmuls
-    over every pixel with no zero taps."""
+    over every pixel with no zero taps. The gather is `_im2col`'s with stride 2, and like it is
+    differentiated only for higher-order gradients (its transpose is a scatter)."""
     k, _, c_in, c_out = kernel.shape
     b, h, w, _ = x.shape
     # Pixel (i, j)'s tap (p, q) landed on y[2i + p, 2j + q] (module docstring).

@@ -250,21 +250,24 @@ def test_mixed_shares_the_gathered_windows_for_even_k_unless_narrow(k, c_in, c_o
     assert _gathers(backward("taps"), x, kernel, g) == 0
 
 
+@pytest.mark.parametrize("impl", ["mixed", "xla/mixed"])
 @pytest.mark.parametrize("k,h,w,matmul", [(5, 5, 5, True), (5, 4, 7, True), (4, 1, 1, True), (5, 11, 12, False),
                                            (6, 5, 6, False)])
-def test_mixed_gradients_on_tiny_inputs_are_the_forward_matmuls_transpose(k, h, w, matmul):
+def test_mixed_gradients_on_tiny_inputs_are_the_forward_matmuls_transpose(k, h, w, matmul, impl):
     """Where the forward pass is one matmul and an overlap-add (the phase conv would mostly multiply
-    padding), 'mixed' takes the gradients as that matmul's transpose: one gather of dy's patches and
-    two matmuls, no convolution or per-shift slices; elsewhere the phase formulation. Values: below
-    against a plain loop over pixels and taps."""
+    padding), 'mixed' takes the gradients as that matmul's transpose: one gather of dy's patches,
+    and no convolution; elsewhere the phase formulation (its narrow layers here by XLA's
+    convolution, no gather). Values, also with XLA's forward pass ('xla/mixed'): against a plain
+    loop over pixels and taps."""
     assert (ops._phase_conv_waste(h, w, k) > ops._MAX_PHASE_CONV_WASTE) == matmul
     x = jax.random.normal(jax.random.PRNGKey(0), (2, h, w, 6))
     kernel = jax.random.normal(jax.random.PRNGKey(1), (k, k, 6, 5))
     g = jax.random.normal(jax.random.PRNGKey(2), jax.eval_shape(lambda x, w: ops.conv_transpose_s2(x, w), x, kernel).shape)
-    backward = lambda x, w, g: jax.vjp(lambda x, w: ops.conv_transpose_s2(x, w, impl="mixed"), x, w)[1](g)
-    jaxpr = str(jax.make_jaxpr(backward)(x, kernel, g))
-    if matmul:
-        assert jaxpr.count("gather[") == 1 and "conv_general_dilated" not in jaxpr
+    backward = lambda x, w, g: jax.vjp(lambda x, w: ops.conv_transpose_s2(x, w, impl=impl), x, w)[1](g)
+    if impl == "mixed":
+        jaxpr = str(jax.make_jaxpr(backward)(x, kernel, g))
+        assert jaxpr.count("gather[") == (1 if matmul else 0)
+        assert ("conv_general_dilated" in jaxpr) == (not matmul)
     # y[2i + p, 2j + q] += x[i, j] @ kernel[k - 1 - p, k - 1 - q] (flax's convention): its gradients by loops.
     xn, kn, gn = (np.asarray(v, np.float64) for v in (x, kernel, g))
     dx, dk = np.zeros_like(xn), np.zeros_like(kn)
