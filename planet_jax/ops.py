@@ -172,16 +172,17 @@ def _conv_s1(x: jax.Array, w: jax.Array, dtype: str, impl: str) -> jax.Array:
     return sum(mm(win, taps[t]) for t, win in enumerate(windows))
 
 
-def _im2col(x: jax.Array, a: int, b: int) -> jax.Array:
-    """The a * b shifted windows of x (B, H, W, C) side by side in channels, (B, H - a + 1, W - b + 1,
-    (i, j, C)) for window (i, j), as one gather: XLA:CPU copies shifted windows this way several times
-    faster than it concatenates them (docs/performance_speed.md). Not for autodiff on a CPU (the
-    gather's transpose is a scatter): the backward passes use it, where nothing is differentiated
-    except for higher-order gradients."""
+def _im2col(x: jax.Array, a: int, b: int, stride: int = 1) -> jax.Array:
+    """The a * b shifted windows of x (B, H, W, C) side by side in channels, (B, Ho, Wo, (i, j, C))
+    for window (i, j) with Ho = (H - a) // stride + 1 (Wo alike), as one gather: XLA:CPU copies
+    shifted windows this way several times faster than it concatenates them
+    (docs/performance_speed.md). With stride 2, each output position's a x b patch of x. Not for
+    autodiff on a CPU (the gather's transpose is a scatter): the backward passes use it, where
+    nothing is differentiated except for higher-order gradients."""
     bsz, h, w, c = x.shape
-    ho, wo = h - a + 1, w - b + 1
-    rows = jnp.arange(ho)[:, None, None, None] + jnp.arange(a)[None, None, :, None]
-    cols = jnp.arange(wo)[None, :, None, None] + jnp.arange(b)[None, None, None, :]
+    ho, wo = (h - a) // stride + 1, (w - b) // stride + 1
+    rows = stride * jnp.arange(ho)[:, None, None, None] + jnp.arange(a)[None, None, :, None]
+    cols = stride * jnp.arange(wo)[None, :, None, None] + jnp.arange(b)[None, None, None, :]
     return x[:, rows, cols].reshape(bsz, ho, wo, a * b * c)
 
 
@@ -301,6 +302,19 @@ def _out_size(n: int, k: int) -> int:
     return 2 * (n - 1) + k
 
 
+def _scatter_matrix(kernel: jax.Array) -> jax.Array:
+    """(k, k, I, O) flax kernel -> S = kernel[::-1, ::-1] as one (I, (p, q, O)) matrix: row x[i, j]
+    times it gives every tap's contribution y[2i + p, 2j + q] (module docstring)."""
+    k, _, c_in, c_out = kernel.shape
+    return kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(c_in, k * k * c_out)
+
+
+def _forward_is_matmul(h: int, w: int, k: int) -> bool:
+    """Whether an (h, w) input takes `_forward_matmul` (and under 'mixed' `_backward_matmul`): the
+    phase conv would do more than _MAX_PHASE_CONV_WASTE times the exact multiply-adds."""
+    return _phase_conv_waste(h, w, k) > _MAX_PHASE_CONV_WASTE
+
+
 def _phase_conv_waste(h: int, w: int, k: int) -> float:
     """Multiply-adds of the phase-conv forward over the exact count h * w * k^2 (per I * O)."""
     a = (k + 1) // 2
@@ -320,10 +334,9 @@ def _forward_phase_conv(x: jax.Array, kernel: jax.Array, dtype: str, impl: str) 
 
 
 def _forward_matmul(x: jax.Array, kernel: jax.Array, dtype: str) -> jax.Array:
-    k, _, c_in, c_out = kernel.shape
+    k, _, _, c_out = kernel.shape
     b, h, w, _ = x.shape
-    s = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(c_in, k * k * c_out)
-    cols = _dot(x, s, dtype).reshape(b, h, w, k, k, c_out)       # every pixel's k x k contribution
+    cols = _dot(x, _scatter_matrix(kernel), dtype).reshape(b, h, w, k, k, c_out)  # every pixel's k x k contribution
     # Overlap-add: tap (p, q) = (2a + r, 2b + s) of pixel (i, j) lands on phase (r, s) at (i + a, j + b).
     a = (k + 1) // 2
     cols = jnp.pad(cols, ((0, 0),) * 3 + ((0, 2 * a - k), (0, 2 * a - k), (0, 0)))
@@ -335,7 +348,7 @@ def _forward_matmul(x: jax.Array, kernel: jax.Array, dtype: str) -> jax.Array:
 
 
 def _forward(x: jax.Array, kernel: jax.Array, dtype: str, impl: str) -> jax.Array:
-    if _phase_conv_waste(x.shape[1], x.shape[2], kernel.shape[0]) > _MAX_PHASE_CONV_WASTE:
+    if _forward_is_matmul(x.shape[1], x.shape[2], kernel.shape[0]):
         return _forward_matmul(x, kernel, dtype)
     return _forward_phase_conv(x, kernel, dtype, impl)
 
@@ -344,16 +357,11 @@ def _backward_matmul(x: jax.Array, kernel: jax.Array, dy: jax.Array, dtype: str
                      ) -> tuple[jax.Array, jax.Array]:
     """The gradients of `_forward_matmul`: dy's k x k patch under each input pixel, gathered once
     (the transpose of the overlap-add), then dx = patches @ S^T and dS = x^T @ patches, two matmuls
-    over every pixel with no zero taps. The gather is `_im2col`'s with stride 2, and like it is
-    differentiated only for higher-order gradients (its transpose is a scatter)."""
+    over every pixel with no zero taps."""
     k, _, c_in, c_out = kernel.shape
-    b, h, w, _ = x.shape
     # Pixel (i, j)'s tap (p, q) landed on y[2i + p, 2j + q] (module docstring).
-    rows = 2 * jnp.arange(h)[:, None, None, None] + jnp.arange(k)[None, None, :, None]
-    cols = 2 * jnp.arange(w)[None, :, None, None] + jnp.arange(k)[None, None, None, :]
-    patches = dy[:, rows, cols].reshape(b, h, w, k * k * c_out)  # (B, h, w, (p, q, O))
-    s = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(c_in, k * k * c_out)
-    dx = _dot(patches, s.T, dtype)
+    patches = _im2col(dy, k, k, stride=2)                        # (B, h, w, (p, q, O))
+    dx = _dot(patches, _scatter_matrix(kernel).T, dtype)
     d_s = _dot_t(x, patches, dtype).reshape(c_in, k, k, c_out).transpose(1, 2, 0, 3)
     return dx, d_s[::-1, ::-1]
 
@@ -362,7 +370,7 @@ def _backward(x: jax.Array, kernel: jax.Array, dy: jax.Array, dtype: str, impl: 
               ) -> tuple[jax.Array, jax.Array]:
     k, _, c_in, c_out = kernel.shape
     b, h, w, _ = x.shape
-    if impl == "mixed" and _phase_conv_waste(h, w, k) > _MAX_PHASE_CONV_WASTE:
+    if impl == "mixed" and _forward_is_matmul(h, w, k):
         return _backward_matmul(x, kernel, dy, dtype)
     a = (k + 1) // 2
     hp, wp = h + a - 1, w + a - 1
@@ -463,7 +471,7 @@ def dense_conv_transpose_1x1(x: jax.Array, dense_kernel: jax.Array, dense_bias: 
     if dense_kernel.shape[1:] != (f,) or k2 != k or dense_kernel.shape[0] != x.shape[-1]:
         raise ValueError(f"dense kernel {dense_kernel.shape} and kernel {kernel.shape} do not chain "
                          f"(D, F) -> (k, k, F, O) for inputs {x.shape}")
-    s = kernel[::-1, ::-1].transpose(2, 0, 1, 3).reshape(f, k * k * o)
+    s = _scatter_matrix(kernel)
     rows, d = math.prod(x.shape[:-1]), x.shape[-1]
     mm = _matmul_of(_check_dtype(dtype))
     if d * f * k * k * o + rows * d * k * k * o < rows * f * (d + k * k * o):

@@ -259,7 +259,7 @@ def test_mixed_gradients_on_tiny_inputs_are_the_forward_matmuls_transpose(k, h, 
     and no convolution; elsewhere the phase formulation (its narrow layers here by XLA's
     convolution, no gather). Values, also with XLA's forward pass ('xla/mixed'): against a plain
     loop over pixels and taps."""
-    assert (ops._phase_conv_waste(h, w, k) > ops._MAX_PHASE_CONV_WASTE) == matmul
+    assert ops._forward_is_matmul(h, w, k) == matmul
     x = jax.random.normal(jax.random.PRNGKey(0), (2, h, w, 6))
     kernel = jax.random.normal(jax.random.PRNGKey(1), (k, k, 6, 5))
     g = jax.random.normal(jax.random.PRNGKey(2), jax.eval_shape(lambda x, w: ops.conv_transpose_s2(x, w), x, kernel).shape)
