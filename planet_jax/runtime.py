@@ -118,6 +118,10 @@ def restart_with_huge_pages() -> None:
 
 
 ENV_COMPILATION_CACHE = "PLANET_JAX_COMPILATION_CACHE"
+# The bound on the folder's size (bytes) that jax's least-recently-used eviction keeps, unless the
+# user set jax_compilation_cache_max_size: runs left going for months of code changes and
+# configurations would otherwise fill the disk with programs never loaded again.
+COMPILATION_CACHE_MAX_BYTES = 2 << 30
 
 
 def use_compilation_cache() -> Path | None:
@@ -131,9 +135,14 @@ def use_compilation_cache() -> Path | None:
     user gave jax (JAX_COMPILATION_CACHE_DIR or `jax_compilation_cache_dir`) is kept as it is and
     returned; with jax's cache disabled (`jax_enable_compilation_cache`) or
     $PLANET_JAX_COMPILATION_CACHE = 0/off/false/no it stays off. A folder that cannot be created or
-    written leaves the cache off with one warning. A damaged entry (a run killed while writing it)
-    makes jax warn and compile that program on every run, since jax never overwrites an entry:
-    delete the folder to clear it.
+    written leaves the cache off with one warning.
+    The folder is bounded: jax evicts the least recently loaded programs past
+    COMPILATION_CACHE_MAX_BYTES, or past the user's `jax_compilation_cache_max_size`
+    (JAX_COMPILATION_CACHE_MAX_SIZE; -1 leaves it unbounded). With eviction on, jax writes an entry,
+    then its access-time file; an entry without one is damaged (a run killed while writing it; jax
+    never overwrites an entry, and a missing access time makes its eviction fail on every later
+    write) or was written unbounded, so it is deleted here, under jax's lock of the folder, and
+    compiled again once.
     Call it before the first compilation; the entry points in experiments/ do.
     """
     import jax
@@ -155,5 +164,25 @@ def use_compilation_cache() -> Path | None:
     except OSError as err:
         warnings.warn(f"compiled programs are not kept between runs: cannot write to {folder} ({err})")
         return None
+    if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ and jax.config.jax_compilation_cache_max_size == -1:
+        jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
+    if jax.config.jax_compilation_cache_max_size != -1:
+        _delete_entries_without_access_time(folder)
     jax.config.update("jax_compilation_cache_dir", str(folder))
     return folder
+
+
+def _delete_entries_without_access_time(folder: Path) -> None:
+    """Deletes each '<key>-cache' file of jax's compilation cache in `folder` that has no
+    '<key>-atime' beside it, holding the lock jax takes for its reads, writes and evictions
+    (`jax._src.lru_cache.LRUCache`, the same file names), so that no entry being written is touched.
+    Does nothing if the lock is not had within 10 s."""
+    import filelock
+
+    try:
+        with filelock.FileLock(folder / ".lockfile", timeout=10):
+            for entry in folder.glob("*-cache"):
+                if not entry.with_name(entry.name.removesuffix("-cache") + "-atime").exists():
+                    entry.unlink(missing_ok=True)
+    except filelock.Timeout:
+        pass

@@ -1,11 +1,13 @@
 """The entry points keep compiled programs between runs in the user's cache folder (planet_jax.runtime)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
 import jax
 import pytest
+from pathlib import Path
 
 from planet_jax import autotune, runtime
 
@@ -14,11 +16,14 @@ from planet_jax import autotune, runtime
 def no_cache_dir(monkeypatch):
     """jax's cache folder unset for the test (the suite's own is put back after it); nothing is
     compiled meanwhile, so jax never opens a cache at the test's folders."""
-    saved = jax.config.jax_compilation_cache_dir
+    saved = jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size
     jax.config.update("jax_compilation_cache_dir", None)
+    jax.config.update("jax_compilation_cache_max_size", -1)
     monkeypatch.delenv(runtime.ENV_COMPILATION_CACHE, raising=False)
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_MAX_SIZE", raising=False)
     yield
-    jax.config.update("jax_compilation_cache_dir", saved)
+    jax.config.update("jax_compilation_cache_dir", saved[0])
+    jax.config.update("jax_compilation_cache_max_size", saved[1])
 
 
 def test_cache_goes_to_a_folder_per_machine_in_the_users_cache(no_cache_dir, monkeypatch, tmp_path):
@@ -27,6 +32,38 @@ def test_cache_goes_to_a_folder_per_machine_in_the_users_cache(no_cache_dir, mon
     assert folder.parent == tmp_path / "xla" and folder.is_dir()
     assert " " not in folder.name and autotune.machine_id().split()[-1] in folder.name  # the jax version
     assert jax.config.jax_compilation_cache_dir == str(folder)
+
+
+def _entries(folder, keys, with_access_time):
+    for key in keys:
+        (folder / f"{key}-cache").write_bytes(b"program")
+        if with_access_time:
+            (folder / f"{key}-atime").write_bytes((1).to_bytes(8, "little"))
+
+
+def test_the_folder_is_bounded_and_entries_without_an_access_time_are_deleted(no_cache_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv(autotune.ENV_CACHE_DIR, str(tmp_path))
+    folder = tmp_path / "xla" / re.sub(r"[^\w.-]+", "_", autotune.machine_id())
+    folder.mkdir(parents=True)
+    _entries(folder, ["jit_kept"], with_access_time=True)
+    _entries(folder, ["jit_damaged", "jit_unbounded"], with_access_time=False)
+    assert runtime.use_compilation_cache() == folder
+    assert jax.config.jax_compilation_cache_max_size == runtime.COMPILATION_CACHE_MAX_BYTES
+    assert sorted(p.name for p in folder.glob("jit_*")) == ["jit_kept-atime", "jit_kept-cache"]
+
+
+@pytest.mark.parametrize("how, size", [("environment", -1), ("environment", 123456), ("config", 123456)])
+def test_the_users_bound_is_kept_and_an_unbounded_folder_is_not_swept(no_cache_dir, monkeypatch, tmp_path, how, size):
+    monkeypatch.setenv(autotune.ENV_CACHE_DIR, str(tmp_path))
+    folder = tmp_path / "xla" / re.sub(r"[^\w.-]+", "_", autotune.machine_id())
+    folder.mkdir(parents=True)
+    _entries(folder, ["jit_a"], with_access_time=False)
+    if how == "environment":
+        monkeypatch.setenv("JAX_COMPILATION_CACHE_MAX_SIZE", str(size))
+    jax.config.update("jax_compilation_cache_max_size", size)  # what jax reads from the variable at import
+    assert runtime.use_compilation_cache() == folder
+    assert jax.config.jax_compilation_cache_max_size == size
+    assert (folder / "jit_a-cache").exists() == (size == -1)
 
 
 @pytest.mark.parametrize("value", ["0", "off", "False", " no "])
@@ -76,15 +113,26 @@ print(json.dumps({"folder": str(folder), "y": float(y), "hits": events.count("/j
 """
 
 
-def test_a_second_process_loads_what_the_first_compiled(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+def test_a_second_process_loads_what_the_first_compiled_and_a_damaged_entry_is_written_again(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_COMPILATION_CACHE_MAX_SIZE")}
     env.update({autotune.ENV_CACHE_DIR: str(tmp_path), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
     env.pop(runtime.ENV_COMPILATION_CACHE, None)
-    runs = [subprocess.run([sys.executable, "-c", _PROGRAM], env=env, capture_output=True, text=True, timeout=300)
-            for _ in range(2)]
-    first, second = (json.loads(run.stdout.strip().splitlines()[-1]) for run in runs)
+
+    def run():
+        done = subprocess.run([sys.executable, "-c", _PROGRAM], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+    (first, _), (second, stderr) = run(), run()
     assert first["folder"].startswith(str(tmp_path / "xla")) and first["hits"] == 0
-    assert any(os.scandir(first["folder"]))  # the program was written
-    if "doesn't match the machine type for execution" in runs[1].stderr:
+    entries = list(Path(first["folder"]).glob("*-cache"))
+    assert entries  # the programs were written
+    if "doesn't match the machine type for execution" in stderr:
         pytest.skip("this CPU's XLA rejects its own cached programs (jax-ml/jax#38445)")
     assert second["hits"] >= 1 and second["y"] == first["y"]
+    for entry in entries:  # a run killed while jax wrote them: part of each, no access time after it
+        entry.write_bytes(entry.read_bytes()[:100])
+        entry.with_name(entry.name.removesuffix("-cache") + "-atime").unlink()
+    (third, stderr), (fourth, _) = run(), run()
+    assert third["hits"] == 0 and "Error reading persistent compilation cache" not in stderr
+    assert fourth["hits"] >= 1 and third["y"] == fourth["y"] == first["y"]
