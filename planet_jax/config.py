@@ -385,10 +385,15 @@ def to_dict(cfg: Config) -> dict:
 RETIRED_FIELDS = {"train": ("checkpoint_every",)}
 
 
+class StoredConvImplWarning(UserWarning):
+    """A stored model.conv_impl mended as it ran (`from_dict`): its own category, so that a resume,
+    which runs the conv_impl asked for and not the stored one, can silence it alone."""
+
+
 def from_dict(data: dict) -> Config:
     """The Config of `to_dict`'s output (a config.json); fields in RETIRED_FIELDS are dropped and
     missing ones take their defaults. model.conv_impl pins that run folders written before such
-    pins were rejected may hold are mended with a warning, as they ran: a pin of a layer not in
+    pins were rejected may hold are mended with a StoredConvImplWarning, as they ran: a pin of a layer not in
     CONV_LAYERS (never had an effect) is dropped, and of a layer pinned twice the last is kept.
     Raises TypeError for an unknown field."""
     kinds = {"model": ModelConfig, "loss": LossConfig, "optim": OptimConfig,
@@ -420,5 +425,5 @@ def _stored_conv_impl(spec: str) -> str:
                      f"name{'s' * (len(unknown) == 1)} no layer (the stride-2 layers are {', '.join(CONV_LAYERS)})")
     if twice:
         notes.append(f"{', '.join(twice)} pinned twice, keeping the last pin")
-    warnings.warn(f"model.conv_impl {spec!r}: {'; '.join(notes)}", stacklevel=3)
+    warnings.warn(f"model.conv_impl {spec!r}: {'; '.join(notes)}", StoredConvImplWarning, stacklevel=3)
     return ",".join(f"{name}={impl}" for name, impl in pins.items() if name in CONV_LAYERS) or "auto"

@@ -85,7 +85,7 @@ def prepare(logdir: str | Path, cfg: config.Config, env_name: str, seed: int) ->
         try:
             run = json.loads(run_file.read_text())
             with warnings.catch_warnings():  # a resume runs the asked conv_impl, not the stored one
-                warnings.filterwarnings("ignore", message="model.conv_impl", category=UserWarning)
+                warnings.simplefilter("ignore", config.StoredConvImplWarning)
                 stored = config.from_dict(json.loads(cfg_file.read_text()))
         except (OSError, ValueError, TypeError, KeyError) as err:
             raise RunError(f"{logdir} holds a run whose run.json/config.json cannot be read ({err}); "

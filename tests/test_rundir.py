@@ -61,7 +61,7 @@ def test_an_old_run_with_pins_a_new_config_rejects_is_read_as_it_ran(tmp_path):
     for spec, kept, message in cases:
         stored["model"]["conv_impl"] = spec
         (tmp_path / "config.json").write_text(json.dumps(stored))
-        with pytest.warns(UserWarning, match=message):
+        with pytest.warns(config.StoredConvImplWarning, match=message):
             read, env, seed = rundir.read(tmp_path)
         assert read.model.conv_impl == kept and (env, seed) == (ENV, 0)
     with warnings.catch_warnings():  # resuming: the asked conv_impl runs, so nothing to warn about
