@@ -17,9 +17,9 @@ gradients, one gather of shifted windows):
     d/dkernel A^2 matmuls x^T @ shifted windows of space-to-depth(dy), taps past k skipped;
     or, for even k, both gradients from the A^2 windows gathered once side by side: dx one
               matmul of them with the phase kernels, d/dkernel one matmul x^T @ them (`_im2col`);
-    or, on tiny inputs (where the forward pass is the matmul and overlap-add), the transpose of
-              that: each input pixel's k x k patch of dy gathered once, dx = patches @ S^T and
-              d/dkernel = x^T @ patches (`_backward_matmul`).
+    or the transpose of the forward's matmul form, whatever form the forward took: each input
+              pixel's k x k patch of dy gathered once, dx = patches @ S^T and
+              d/dkernel = x^T @ patches (`_backward_matmul`), no zero taps for odd k.
 The stride-1 convolutions above are themselves matmuls (`_conv_s1`): the shifted windows side by
 side in channels and one matmul; one matmul per tap, summed; one matmul of the unshifted input with
 all taps side by side, whose per-tap outputs are then shifted and summed; or XLA's stride-1 conv for
@@ -88,8 +88,8 @@ _MAX_CONV_CHANNELS = 256
 #           side by side, then the taps' outputs shifted into place and summed;
 #   mixed   the reformulation, per correlation: conv when narrow (_MAX_CONV_CHANNELS), otherwise
 #           im2col or taps, whichever copies the narrower of input and output; but the transposed
-#           conv's gradients with even k, unless narrow, share one im2col (as 'im2col' does there),
-#           and on the tiny inputs its forward pass takes as a matmul are that matmul's transpose;
+#           conv's gradients are those of its forward's matmul form, one gather of dy's patches and
+#           two matmuls, faster than every other form at each of the decoder's sizes measured;
 #   'f/b'   (two of the above) formulation f in the forward pass, b in the gradients.
 # 'mixed' is the default when nothing is measured; `layer_impl` measures (planet_jax.autotune).
 DEFAULT_CONV_IMPL = "mixed"
@@ -174,16 +174,21 @@ def _conv_s1(x: jax.Array, w: jax.Array, dtype: str, impl: str) -> jax.Array:
 
 def _im2col(x: jax.Array, a: int, b: int, stride: int = 1) -> jax.Array:
     """The a * b shifted windows of x (B, H, W, C) side by side in channels, (B, Ho, Wo, (i, j, C))
-    for window (i, j) with Ho = (H - a) // stride + 1 (Wo alike), as one gather: XLA:CPU copies
-    shifted windows this way several times faster than it concatenates them
-    (docs/performance_speed.md). With stride 2, each output position's a x b patch of x. Not for
-    autodiff on a CPU (the gather's transpose is a scatter): the backward passes use it, where
-    nothing is differentiated except for higher-order gradients."""
+    for window (i, j) with Ho = (H - a) // stride + 1 (Wo alike); with stride 2, each output
+    position's a x b patch of x. One gather from x seen as (B * H, W * C), whose slice per output
+    position is its patch's a rows of b * C contiguous numbers: XLA:CPU copies shifted windows this
+    way faster than one pixel's C numbers at a time, or than it concatenates them
+    (docs/performance_speed.md). Not for autodiff on a CPU (the gather's transpose is a scatter):
+    the backward passes use it, where nothing is differentiated except for higher-order gradients."""
     bsz, h, w, c = x.shape
     ho, wo = (h - a) // stride + 1, (w - b) // stride + 1
-    rows = stride * jnp.arange(ho)[:, None, None, None] + jnp.arange(a)[None, None, :, None]
-    cols = stride * jnp.arange(wo)[None, :, None, None] + jnp.arange(b)[None, None, None, :]
-    return x[:, rows, cols].reshape(bsz, ho, wo, a * b * c)
+    rows = h * jnp.arange(bsz)[:, None, None] + stride * jnp.arange(ho)[None, :, None]
+    cols = stride * c * jnp.arange(wo)[None, None, :]
+    starts = jnp.stack(jnp.broadcast_arrays(rows, cols), -1)        # (B, Ho, Wo, 2): patch's first row, column
+    dims = lax.GatherDimensionNumbers(offset_dims=(3, 4), collapsed_slice_dims=(), start_index_map=(0, 1))
+    patches = lax.gather(x.reshape(bsz * h, w * c), starts, dims, slice_sizes=(a, b * c),
+                         mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+    return patches.reshape(bsz, ho, wo, a * b * c)
 
 
 def _windows(x: jax.Array, a: int, b: int) -> list[jax.Array]:
@@ -310,8 +315,8 @@ def _scatter_matrix(kernel: jax.Array) -> jax.Array:
 
 
 def _forward_is_matmul(h: int, w: int, k: int) -> bool:
-    """Whether an (h, w) input takes `_forward_matmul` (and under 'mixed' `_backward_matmul`): the
-    phase conv would do more than _MAX_PHASE_CONV_WASTE times the exact multiply-adds."""
+    """Whether an (h, w) input takes `_forward_matmul` rather than the phase conv, which would do
+    more than _MAX_PHASE_CONV_WASTE times the exact multiply-adds."""
     return _phase_conv_waste(h, w, k) > _MAX_PHASE_CONV_WASTE
 
 
@@ -355,9 +360,10 @@ def _forward(x: jax.Array, kernel: jax.Array, dtype: str, impl: str) -> jax.Arra
 
 def _backward_matmul(x: jax.Array, kernel: jax.Array, dy: jax.Array, dtype: str
                      ) -> tuple[jax.Array, jax.Array]:
-    """The gradients of `_forward_matmul`: dy's k x k patch under each input pixel, gathered once
-    (the transpose of the overlap-add), then dx = patches @ S^T and dS = x^T @ patches, two matmuls
-    over every pixel with no zero taps."""
+    """The gradients of the transposed conv (of `_forward_matmul`, the same linear map as the phase
+    conv): dy's k x k patch under each input pixel, gathered once (the transpose of the
+    overlap-add), then dx = patches @ S^T and dS = x^T @ patches, two matmuls over every pixel with
+    no zero taps."""
     k, _, c_in, c_out = kernel.shape
     # Pixel (i, j)'s tap (p, q) landed on y[2i + p, 2j + q] (module docstring).
     patches = _im2col(dy, k, k, stride=2)                        # (B, h, w, (p, q, O))
@@ -370,7 +376,7 @@ def _backward(x: jax.Array, kernel: jax.Array, dy: jax.Array, dtype: str, impl: 
               ) -> tuple[jax.Array, jax.Array]:
     k, _, c_in, c_out = kernel.shape
     b, h, w, _ = x.shape
-    if impl == "mixed" and _forward_is_matmul(h, w, k):
+    if impl == "mixed":
         return _backward_matmul(x, kernel, dy, dtype)
     a = (k + 1) // 2
     hp, wp = h + a - 1, w + a - 1
@@ -379,7 +385,7 @@ def _backward(x: jax.Array, kernel: jax.Array, dy: jax.Array, dtype: str, impl: 
     taps = _phase_taps(kernel)                                  # (a, r, b, s, I, O)
     # dx[i, j] = sum_{a, b, r, s} dy[2(i + a) + r, 2(j + b) + s] S[2a + r, 2b + s]^T.
     w_dx = taps.transpose(0, 2, 1, 3, 5, 4).reshape(a, a, 4 * c_out, c_in)
-    if k % 2 == 0 and (impl == "im2col" or impl == "mixed" and 4 * c_out * c_in > _MAX_CONV_CHANNELS):
+    if k % 2 == 0 and impl == "im2col":
         # Both gradients read the same a * a windows of dy's phases: copied once, side by side, they
         # make dx one matmul and dS one matmul. (With odd k those matmuls would multiply the zero
         # taps past k as well; the products below skip them.)
