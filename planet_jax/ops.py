@@ -594,13 +594,18 @@ def layer_impl(op: Callable, name: str | None, x_shape: tuple[int, ...], kernel_
     for pass_, pin, work in zip(_PASSES, pins, (gflop, 2 * gflop)):
         candidates = {impl: functools.partial(_timed_layer, op, impl, pass_, x_shape, tuple(kernel_shape), dtype)
                       for impl in CONV_IMPLS}
-        chosen.append(tuner.choose(f"ops.{op.__name__}", f"{key} {pass_}", candidates, DEFAULT_CONV_IMPL,
+        revision = _PASS_REVISION.get((op.__name__, pass_), "")
+        chosen.append(tuner.choose(f"ops.{op.__name__}", f"{key} {pass_}{revision}", candidates, DEFAULT_CONV_IMPL,
                                    pin, work, min_gain=_LAYER_MIN_GAIN))
     fwd, bwd = chosen
     return fwd if fwd == bwd else f"{fwd}/{bwd}"
 
 
 _PASSES = ("forward", "gradients")
+# Named in a pass's cache key once a formulation it measures has changed, so that timings cached for
+# the old code are measured again, for that pass only: r2, conv_transpose_s2's 'mixed' gradients
+# became the gather of dy's patches at every input size.
+_PASS_REVISION = {("conv_transpose_s2", "gradients"): " r2"}
 
 
 def _timed_layer(op: Callable, impl: str, pass_: str, x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
