@@ -138,7 +138,8 @@ def _hlo_op_names(hlo_text: str) -> dict[str, str]:
 
 def profile_ops(call, hlo_text: str, top: int) -> list[list]:
     """Runs call() once under jax.profiler; the `top` JAX operations by total time, as
-    [seconds, operation] (XLA's per-op events, summed over the ops compiled from one operation)."""
+    [seconds, operation] (`_op_seconds` per instruction, summed over the instructions compiled
+    from one operation)."""
     import jax
 
     with tempfile.TemporaryDirectory() as logdir:
@@ -148,12 +149,29 @@ def profile_ops(call, hlo_text: str, top: int) -> list[list]:
         events = json.loads(gzip.decompress(traces[0].read_bytes()))["traceEvents"] if traces else []
     names = _hlo_op_names(hlo_text)
     totals: dict[str, float] = {}
-    for event in events:
-        op = names.get(event.get("name")) if event.get("ph") == "X" else None
-        if op is not None:
-            totals[op] = totals.get(op, 0.0) + event["dur"] / 1e6
+    for instruction, seconds in _op_seconds(events, set(names)).items():
+        totals[names[instruction]] = totals.get(names[instruction], 0.0) + seconds
     ranked = sorted(totals.items(), key=lambda item: -item[1])[:top]
     return [[round(seconds, 6), op] for op, seconds in ranked]
+
+
+def _op_seconds(events: list[dict], instructions: set[str]) -> dict[str, float]:
+    """Seconds per XLA instruction in a trace's events, from each run's start to its end. XLA:CPU
+    runs some instructions (its convolutions, some dots and loop fusions) on its thread pool: their
+    event covers only the launch, and an 'end: <name>' event marks when they finished, so a run
+    lasts until its end marker when there is one. Runs of different instructions can overlap on a
+    multi-core CPU, so the figures can add up to more than the call's time."""
+    seconds: dict[str, float] = {}
+    started: dict[str, list[dict]] = {}
+    for event in sorted((e for e in events if e.get("ph") == "X" and "ts" in e), key=lambda e: e["ts"]):
+        name = event.get("name", "")
+        if name in instructions:
+            seconds[name] = seconds.get(name, 0.0) + event["dur"] / 1e6
+            started.setdefault(name, []).append(event)
+        elif name.startswith("end: ") and started.get(name[5:]):
+            start = started[name[5:]].pop(0)  # a name's runs end in the order they started
+            seconds[name[5:]] += max(0.0, event["ts"] - start["ts"] - start["dur"]) / 1e6
+    return seconds
 
 
 def worker(name: str, iters: int, warmup: int, profile: int = 0) -> dict:

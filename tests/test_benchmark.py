@@ -1,6 +1,7 @@
 """The benchmark's profile: XLA's per-op events attributed to the JAX operations they came from."""
 import jax
 import jax.numpy as jnp
+import pytest
 from jax import lax
 
 from experiments import benchmark
@@ -28,6 +29,17 @@ def test_profile_ranks_the_operations_of_a_call():
     seconds = [s for s, _ in top]
     assert all(s > 0 for s in seconds) and seconds == sorted(seconds, reverse=True)
     assert "dot_general" in top[0][1]
+
+
+def test_an_instruction_run_on_the_thread_pool_lasts_until_its_end_marker():
+    # XLA:CPU's trace: conv.1's events cover its launches (10 us), 'end: conv.1' marks when each run
+    # finished; add.2 ran inline (no marker); other events are ignored.
+    events = [{"ph": "X", "name": "conv.1", "ts": 0, "dur": 10}, {"ph": "X", "name": "add.2", "ts": 20, "dur": 300},
+              {"ph": "X", "name": "end: conv.1", "ts": 5000, "dur": 0}, {"ph": "X", "name": "ThunkExecutor", "ts": 0, "dur": 9000},
+              {"ph": "X", "name": "conv.1", "ts": 6000, "dur": 10}, {"ph": "X", "name": "end: conv.1", "ts": 8000, "dur": 0},
+              {"ph": "X", "name": "end: unknown.3", "ts": 8100, "dur": 0}]
+    seconds = benchmark._op_seconds(events, {"conv.1", "add.2"})
+    assert seconds == {"conv.1": pytest.approx(0.005 + 0.002), "add.2": pytest.approx(0.0003)}
 
 
 def test_matmul_peak_reports_each_dtype_and_orientation(monkeypatch):
