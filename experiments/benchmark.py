@@ -159,8 +159,10 @@ def _op_seconds(events: list[dict], instructions: set[str]) -> dict[str, float]:
     """Seconds per XLA instruction in a trace's events, from each run's start to its end. XLA:CPU
     runs some instructions (its convolutions, some dots and loop fusions) on its thread pool: their
     event covers only the launch, and an 'end: <name>' event marks when they finished, so a run
-    lasts until its end marker when there is one. Runs of different instructions can overlap on a
-    multi-core CPU, so the figures can add up to more than the call's time."""
+    lasts until its end marker when there is one. Not every run has one, and an instruction's runs
+    never overlap (one program runs its instructions in order), so a marker ends the instruction's
+    latest open run. Runs of different instructions can overlap on a multi-core CPU, so the figures
+    can add up to more than the call's time."""
     seconds: dict[str, float] = {}
     started: dict[str, list[dict]] = {}
     for event in sorted((e for e in events if e.get("ph") == "X" and "ts" in e), key=lambda e: e["ts"]):
@@ -169,7 +171,7 @@ def _op_seconds(events: list[dict], instructions: set[str]) -> dict[str, float]:
             seconds[name] = seconds.get(name, 0.0) + event["dur"] / 1e6
             started.setdefault(name, []).append(event)
         elif name.startswith("end: ") and started.get(name[5:]):
-            start = started[name[5:]].pop(0)  # a name's runs end in the order they started
+            start = started[name[5:]].pop()
             seconds[name[5:]] += max(0.0, event["ts"] - start["ts"] - start["dur"]) / 1e6
     return seconds
 

@@ -89,7 +89,7 @@ _MAX_CONV_CHANNELS = 256
 #   mixed   the reformulation, per correlation: conv when narrow (_MAX_CONV_CHANNELS), otherwise
 #           im2col or taps, whichever copies the narrower of input and output; but the transposed
 #           conv's gradients are those of its forward's matmul form, one gather of dy's patches and
-#           two matmuls, faster than every other form at each of the decoder's sizes measured;
+#           two matmuls (docs/performance_speed.md, ninth session);
 #   'f/b'   (two of the above) formulation f in the forward pass, b in the gradients.
 # 'mixed' is the default when nothing is measured; `layer_impl` measures (planet_jax.autotune).
 DEFAULT_CONV_IMPL = "mixed"
@@ -176,10 +176,11 @@ def _im2col(x: jax.Array, a: int, b: int, stride: int = 1) -> jax.Array:
     """The a * b shifted windows of x (B, H, W, C) side by side in channels, (B, Ho, Wo, (i, j, C))
     for window (i, j) with Ho = (H - a) // stride + 1 (Wo alike); with stride 2, each output
     position's a x b patch of x. One gather from x seen as (B * H, W * C), whose slice per output
-    position is its patch's a rows of b * C contiguous numbers: XLA:CPU copies shifted windows this
-    way faster than one pixel's C numbers at a time, or than it concatenates them
-    (docs/performance_speed.md). Not for autodiff on a CPU (the gather's transpose is a scatter):
-    the backward passes use it, where nothing is differentiated except for higher-order gradients."""
+    position is its patch's a rows of b * C contiguous numbers: XLA:CPU copies the decoder's
+    gradient windows this way faster than one pixel's C numbers at a time, or than it concatenates
+    them (docs/performance_speed.md; not 2 x 2 windows of 12 channels, which 'mixed' never gathers).
+    Not for autodiff on a CPU (the gather's transpose is a scatter): the backward passes use it,
+    where nothing is differentiated except for higher-order gradients."""
     bsz, h, w, c = x.shape
     ho, wo = (h - a) // stride + 1, (w - b) // stride + 1
     rows = h * jnp.arange(bsz)[:, None, None] + stride * jnp.arange(ho)[None, :, None]

@@ -136,13 +136,14 @@ def use_compilation_cache() -> Path | None:
     returned; with jax's cache disabled (`jax_enable_compilation_cache`) or
     $PLANET_JAX_COMPILATION_CACHE = 0/off/false/no it stays off. A folder that cannot be created or
     written leaves the cache off with one warning.
-    The folder is bounded: jax evicts the least recently loaded programs past
-    COMPILATION_CACHE_MAX_BYTES, or past the user's `jax_compilation_cache_max_size`
-    (JAX_COMPILATION_CACHE_MAX_SIZE; -1 leaves it unbounded). With eviction on, jax writes an entry,
-    then its access-time file; an entry without one is damaged (a run killed while writing it; jax
-    never overwrites an entry, and a missing access time makes its eviction fail on every later
-    write) or was written unbounded, so it is deleted here, under jax's lock of the folder, and
-    compiled again once.
+    The folder is bounded: jax evicts the least recently used programs past
+    COMPILATION_CACHE_MAX_BYTES, or past the user's bound (JAX_COMPILATION_CACHE_MAX_SIZE, where -1
+    leaves it unbounded, or `jax_compilation_cache_max_size` set to anything but jax's default -1).
+    With eviction on, jax writes an entry, then its access-time file; an entry without one is
+    damaged (a run killed while writing it; jax never overwrites an entry, and a missing access time
+    makes its eviction fail on every later write) or was written unbounded, so it is deleted here,
+    under jax's lock of the folder, and compiled again once. If that lock or a deletion fails,
+    one warning, and the cache stays on.
     Call it before the first compilation; the entry points in experiments/ do.
     """
     import jax
@@ -172,17 +173,18 @@ def use_compilation_cache() -> Path | None:
     return folder
 
 
-def _delete_entries_without_access_time(folder: Path) -> None:
+def _delete_entries_without_access_time(folder: Path, timeout: float = 10.0) -> None:
     """Deletes each '<key>-cache' file of jax's compilation cache in `folder` that has no
     '<key>-atime' beside it, holding the lock jax takes for its reads, writes and evictions
     (`jax._src.lru_cache.LRUCache`, the same file names), so that no entry being written is touched.
-    Does nothing if the lock is not had within 10 s."""
+    Warns and deletes nothing more if the lock is not had within `timeout` seconds or a file
+    operation fails."""
     import filelock
 
     try:
-        with filelock.FileLock(folder / ".lockfile", timeout=10):
+        with filelock.FileLock(folder / ".lockfile", timeout=timeout):
             for entry in folder.glob("*-cache"):
                 if not entry.with_name(entry.name.removesuffix("-cache") + "-atime").exists():
                     entry.unlink(missing_ok=True)
-    except filelock.Timeout:
-        pass
+    except (filelock.Timeout, OSError) as err:
+        warnings.warn(f"compiled programs: damaged entries in {folder} may remain ({type(err).__name__}: {err})")

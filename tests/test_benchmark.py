@@ -40,6 +40,11 @@ def test_an_instruction_run_on_the_thread_pool_lasts_until_its_end_marker():
               {"ph": "X", "name": "end: unknown.3", "ts": 8100, "dur": 0}]
     seconds = benchmark._op_seconds(events, {"conv.1", "add.2"})
     assert seconds == {"conv.1": pytest.approx(0.005 + 0.002), "add.2": pytest.approx(0.0003)}
+    # A run without a marker (here conv.1's second) counts its event; the next marker ends the run
+    # after it, in whatever order the events come.
+    events[4:4] = [{"ph": "X", "name": "conv.1", "ts": 5500, "dur": 100}]
+    seconds = benchmark._op_seconds(events[::-1], {"conv.1", "add.2"})
+    assert seconds["conv.1"] == pytest.approx(0.005 + 0.0001 + 0.002)
 
 
 def test_matmul_peak_reports_each_dtype_and_orientation(monkeypatch):

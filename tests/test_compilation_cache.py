@@ -34,6 +34,11 @@ def test_cache_goes_to_a_folder_per_machine_in_the_users_cache(no_cache_dir, mon
     assert jax.config.jax_compilation_cache_dir == str(folder)
 
 
+def _machine_folder(cache_dir):
+    """Where use_compilation_cache puts this machine's folder under `cache_dir`."""
+    return cache_dir / "xla" / re.sub(r"[^\w.-]+", "_", autotune.machine_id())
+
+
 def _entries(folder, keys, with_access_time):
     for key in keys:
         (folder / f"{key}-cache").write_bytes(b"program")
@@ -43,7 +48,7 @@ def _entries(folder, keys, with_access_time):
 
 def test_the_folder_is_bounded_and_entries_without_an_access_time_are_deleted(no_cache_dir, monkeypatch, tmp_path):
     monkeypatch.setenv(autotune.ENV_CACHE_DIR, str(tmp_path))
-    folder = tmp_path / "xla" / re.sub(r"[^\w.-]+", "_", autotune.machine_id())
+    folder = _machine_folder(tmp_path)
     folder.mkdir(parents=True)
     _entries(folder, ["jit_kept"], with_access_time=True)
     _entries(folder, ["jit_damaged", "jit_unbounded"], with_access_time=False)
@@ -52,10 +57,11 @@ def test_the_folder_is_bounded_and_entries_without_an_access_time_are_deleted(no
     assert sorted(p.name for p in folder.glob("jit_*")) == ["jit_kept-atime", "jit_kept-cache"]
 
 
+# jax's default is -1, so -1 set in the config reads as unset and is bounded; in the environment it is not.
 @pytest.mark.parametrize("how, size", [("environment", -1), ("environment", 123456), ("config", 123456)])
 def test_the_users_bound_is_kept_and_an_unbounded_folder_is_not_swept(no_cache_dir, monkeypatch, tmp_path, how, size):
     monkeypatch.setenv(autotune.ENV_CACHE_DIR, str(tmp_path))
-    folder = tmp_path / "xla" / re.sub(r"[^\w.-]+", "_", autotune.machine_id())
+    folder = _machine_folder(tmp_path)
     folder.mkdir(parents=True)
     _entries(folder, ["jit_a"], with_access_time=False)
     if how == "environment":
@@ -64,6 +70,41 @@ def test_the_users_bound_is_kept_and_an_unbounded_folder_is_not_swept(no_cache_d
     assert runtime.use_compilation_cache() == folder
     assert jax.config.jax_compilation_cache_max_size == size
     assert (folder / "jit_a-cache").exists() == (size == -1)
+
+
+def test_a_sweep_that_cannot_delete_warns_and_keeps_the_cache_on(no_cache_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv(autotune.ENV_CACHE_DIR, str(tmp_path))
+    folder = _machine_folder(tmp_path)
+    folder.mkdir(parents=True)
+    _entries(folder, ["jit_damaged"], with_access_time=False)
+    unlink = runtime.Path.unlink
+
+    def refuse_entries(self, missing_ok=False):
+        if self.name.endswith("-cache"):
+            raise PermissionError(13, "denied")
+        unlink(self, missing_ok)
+    monkeypatch.setattr(runtime.Path, "unlink", refuse_entries)
+    with pytest.warns(UserWarning, match="damaged entries .* may remain .*PermissionError"):
+        assert runtime.use_compilation_cache() == folder
+    assert jax.config.jax_compilation_cache_dir == str(folder)
+
+
+def test_an_entry_is_not_deleted_while_another_process_holds_jaxs_lock(tmp_path):
+    # The holder takes filelock's lock on '.lockfile', as jax's cache does around each write.
+    _entries(tmp_path, ["jit_being_written"], with_access_time=False)
+    holder = subprocess.Popen([sys.executable, "-c", "import filelock, sys, time\n"
+                               f"with filelock.FileLock({str(tmp_path / '.lockfile')!r}):\n"
+                               "    print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.warns(UserWarning, match="damaged entries .* may remain .*Timeout"):
+            runtime._delete_entries_without_access_time(tmp_path, timeout=0.2)
+        assert (tmp_path / "jit_being_written-cache").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    runtime._delete_entries_without_access_time(tmp_path)
+    assert not (tmp_path / "jit_being_written-cache").exists()
 
 
 @pytest.mark.parametrize("value", ["0", "off", "False", " no "])
