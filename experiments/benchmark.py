@@ -158,21 +158,23 @@ def profile_ops(call, hlo_text: str, top: int) -> list[list]:
 def _op_seconds(events: list[dict], instructions: set[str]) -> dict[str, float]:
     """Seconds per XLA instruction in a trace's events, from each run's start to its end. XLA:CPU
     runs some instructions (its convolutions, some dots and loop fusions) on its thread pool: their
-    event covers only the launch, and an 'end: <name>' event marks when they finished, so a run
-    lasts until its end marker when there is one. Not every run has one, and an instruction's runs
-    never overlap (one program runs its instructions in order), so a marker ends the instruction's
-    latest open run. Runs of different instructions can overlap on a multi-core CPU, so the figures
-    can add up to more than the call's time."""
+    event covers only the launch, and a later 'end: <name>' event follows the run's end. Not every
+    run has one, and a marker can come late (after the enclosing loop, on two cores); a run of an
+    instruction starts only after its previous run ended, so a marker ends the instruction's open
+    run, and an open run without a marker when the next one starts counts its event alone. Runs of
+    different instructions can overlap on a multi-core CPU, so the figures can add up to more than
+    the call's time, and a late marker can still lengthen an instruction's last run."""
     seconds: dict[str, float] = {}
-    started: dict[str, list[dict]] = {}
-    for event in sorted((e for e in events if e.get("ph") == "X" and "ts" in e), key=lambda e: e["ts"]):
+    running: dict[str, dict] = {}
+    timed = (e for e in events if e.get("ph") == "X" and "ts" in e)
+    for event in sorted(timed, key=lambda e: (e["ts"], not e.get("name", "").startswith("end: "))):
         name = event.get("name", "")
         if name in instructions:
-            seconds[name] = seconds.get(name, 0.0) + event["dur"] / 1e6
-            started.setdefault(name, []).append(event)
-        elif name.startswith("end: ") and started.get(name[5:]):
-            start = started[name[5:]].pop()
-            seconds[name[5:]] += max(0.0, event["ts"] - start["ts"] - start["dur"]) / 1e6
+            seconds[name] = seconds.get(name, 0.0) + event.get("dur", 0) / 1e6
+            running[name] = event
+        elif name.startswith("end: ") and name[5:] in running:
+            start = running.pop(name[5:])
+            seconds[name[5:]] += max(0.0, event["ts"] - start["ts"] - start.get("dur", 0)) / 1e6
     return seconds
 
 
@@ -346,7 +348,8 @@ def speed_table(records: list[dict], command: str) -> str:
             origin["loaded" if loaded else "compiled"].append(name)
     if origin["loaded"]:
         lines += ["", f"planet_jax's programs were loaded from jax's compilation cache for {', '.join(origin['loaded'])}"
-                      + (f" and compiled in the process for {', '.join(origin['compiled'])}" if origin["compiled"] else "")
+                      + (f" and compiled in the process, in some rounds, for {', '.join(origin['compiled'])}"
+                         if origin["compiled"] else "")
                       + " (`runtime.use_compilation_cache`)."]
     return "\n".join(lines)
 

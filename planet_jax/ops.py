@@ -178,7 +178,8 @@ def _im2col(x: jax.Array, a: int, b: int, stride: int = 1) -> jax.Array:
     position's a x b patch of x. One gather from x seen as (B * H, W * C), whose slice per output
     position is its patch's a rows of b * C contiguous numbers: XLA:CPU copies the decoder's
     gradient windows this way faster than one pixel's C numbers at a time, or than it concatenates
-    them (docs/performance_speed.md; not 2 x 2 windows of 12 channels, which 'mixed' never gathers).
+    them (docs/performance_speed.md; not 2 x 2 windows of 12 channels, which the decoder's layers,
+    k 5 and 6, never gather).
     Not for autodiff on a CPU (the gather's transpose is a scatter): the backward passes use it,
     where nothing is differentiated except for higher-order gradients."""
     bsz, h, w, c = x.shape

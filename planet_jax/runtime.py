@@ -136,14 +136,16 @@ def use_compilation_cache() -> Path | None:
     returned; with jax's cache disabled (`jax_enable_compilation_cache`) or
     $PLANET_JAX_COMPILATION_CACHE = 0/off/false/no it stays off. A folder that cannot be created or
     written leaves the cache off with one warning.
-    The folder is bounded: jax evicts the least recently used programs past
-    COMPILATION_CACHE_MAX_BYTES, or past the user's bound (JAX_COMPILATION_CACHE_MAX_SIZE, where -1
-    leaves it unbounded, or `jax_compilation_cache_max_size` set to anything but jax's default -1).
-    With eviction on, jax writes an entry, then its access-time file; an entry without one is
-    damaged (a run killed while writing it; jax never overwrites an entry, and a missing access time
-    makes its eviction fail on every later write) or was written unbounded, so it is deleted here,
-    under jax's lock of the folder, and compiled again once. If that lock or a deletion fails,
-    one warning, and the cache stays on.
+    The folder is bounded: jax evicts the least recently used programs past its
+    `jax_compilation_cache_max_size` (bytes), which is COMPILATION_CACHE_MAX_BYTES unless the user
+    set it: JAX_COMPILATION_CACHE_MAX_SIZE in the environment is kept whatever its value (-1
+    unbounded), and so is a value set with `jax.config.update` (which wins over the environment),
+    except jax's default -1, which reads as unset. A bound of 0 turns jax's cache off, and this
+    returns None. With eviction on, jax writes an entry, then its access-time file; an entry
+    without one is damaged (a run killed while writing it; jax never overwrites an entry, and a
+    missing access time makes its eviction fail on every later write) or was written unbounded, so
+    it is deleted here, under jax's lock of the folder, and compiled again once. If that lock or a
+    deletion fails, one warning, and the cache stays on.
     Call it before the first compilation; the entry points in experiments/ do.
     """
     import jax
@@ -167,6 +169,8 @@ def use_compilation_cache() -> Path | None:
         return None
     if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ and jax.config.jax_compilation_cache_max_size == -1:
         jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
+    if jax.config.jax_compilation_cache_max_size == 0:
+        return None
     if jax.config.jax_compilation_cache_max_size != -1:
         _delete_entries_without_access_time(folder)
     jax.config.update("jax_compilation_cache_dir", str(folder))
@@ -186,5 +190,6 @@ def _delete_entries_without_access_time(folder: Path, timeout: float = 10.0) -> 
             for entry in folder.glob("*-cache"):
                 if not entry.with_name(entry.name.removesuffix("-cache") + "-atime").exists():
                     entry.unlink(missing_ok=True)
-    except (filelock.Timeout, OSError) as err:
-        warnings.warn(f"compiled programs: damaged entries in {folder} may remain ({type(err).__name__}: {err})")
+    except OSError as err:  # filelock.Timeout included
+        warnings.warn(f"compiled programs: entries without an access time (damaged, or written unbounded) "
+                      f"may remain in {folder} ({type(err).__name__}: {err})")
