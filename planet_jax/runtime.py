@@ -156,7 +156,7 @@ def use_compilation_cache() -> Path | None:
         return None
     if jax.config.jax_compilation_cache_dir:
         return Path(jax.config.jax_compilation_cache_dir)
-    if not autotune.switched_on(ENV_COMPILATION_CACHE):
+    if not autotune.switched_on(ENV_COMPILATION_CACHE) or jax.config.jax_compilation_cache_max_size == 0:
         return None
     folder = autotune.cache_dir() / "xla" / re.sub(r"[^\w.-]+", "_", autotune.machine_id())
     probe = folder / f".probe.{os.getpid()}"
@@ -169,8 +169,6 @@ def use_compilation_cache() -> Path | None:
         return None
     if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ and jax.config.jax_compilation_cache_max_size == -1:
         jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
-    if jax.config.jax_compilation_cache_max_size == 0:
-        return None
     if jax.config.jax_compilation_cache_max_size != -1:
         _delete_entries_without_access_time(folder)
     jax.config.update("jax_compilation_cache_dir", str(folder))

@@ -76,7 +76,7 @@ def test_a_bound_of_zero_leaves_the_cache_off(no_cache_dir, monkeypatch, tmp_pat
     monkeypatch.setenv(autotune.ENV_CACHE_DIR, str(tmp_path))
     jax.config.update("jax_compilation_cache_max_size", 0)  # jax: caching disabled
     assert runtime.use_compilation_cache() is None
-    assert jax.config.jax_compilation_cache_dir is None
+    assert jax.config.jax_compilation_cache_dir is None and not (tmp_path / "xla").exists()
 
 
 def test_a_sweep_that_cannot_delete_warns_and_keeps_the_cache_on(no_cache_dir, monkeypatch, tmp_path):
