@@ -34,6 +34,7 @@ from experiments import cli
 
 OS50 = "loss.overshooting_distance=50"
 BF16 = "model.conv_dtype=bfloat16"
+PLAN_BF16 = "planner.matmul_dtype=bfloat16"
 MEASUREMENTS = {
     # name: (preset, kind, config overrides, planning batch, torch arguments)
     "train": ("paper", "train", [], 0, ["--mode", "train"]),
@@ -54,6 +55,13 @@ MEASUREMENTS = {
     "cpu_train": ("cpu", "train", [], 0, ["--mode", "train", "--preset", "cpu"]),
     "cpu_plan_1": ("cpu", "plan", [], 1, ["--mode", "plan", "--plan-batch", "1", "--preset", "cpu"]),
     "cpu_plan_8": ("cpu", "plan", [], 8, ["--mode", "plan", "--plan-batch", "8", "--preset", "cpu"]),
+    # Opt-in bfloat16 operands (model.conv_dtype, planner.matmul_dtype) at both sizes; the reference
+    # stays float32, so these ratios compare an opt-in setting of planet_jax with the float32 reference.
+    "cpu_train_bf16": ("cpu", "train", [BF16], 0, ["--mode", "train", "--preset", "cpu"]),
+    "plan_1_bf16": ("paper", "plan", [PLAN_BF16], 1, ["--mode", "plan", "--plan-batch", "1"]),
+    "plan_8_bf16": ("paper", "plan", [PLAN_BF16], 8, ["--mode", "plan", "--plan-batch", "8"]),
+    "cpu_plan_1_bf16": ("cpu", "plan", [PLAN_BF16], 1, ["--mode", "plan", "--plan-batch", "1", "--preset", "cpu"]),
+    "cpu_plan_8_bf16": ("cpu", "plan", [PLAN_BF16], 8, ["--mode", "plan", "--plan-batch", "8", "--preset", "cpu"]),
     "tiny_train": ("tiny", "train", [], 0, None),
     "tiny_plan_1": ("tiny", "plan", [], 1, None),
 }
@@ -61,6 +69,8 @@ MEASUREMENTS = {
 GROUPS = {
     "paper": ["matmul_peak", "train", "plan_1", "plan_8"],
     "cpu": ["matmul_peak", "cpu_train", "cpu_plan_1", "cpu_plan_8"],
+    "bf16": ["matmul_peak", "train_bf16", "plan_1_bf16", "plan_8_bf16", "cpu_train_bf16", "cpu_plan_1_bf16",
+             "cpu_plan_8_bf16"],
 }
 ACTION_DIM = 6  # walker, as in the reference
 # ../shared/bench/torch_reference.py seen from the repository, looked up from the nearest folder

@@ -5,10 +5,11 @@ explicit parameter pytree (see `init_params`). Images are NHWC, 64x64x3.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import types
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import chex
 import flax.linen as nn
@@ -160,6 +161,38 @@ def apply(params: Params, cfg: ModelConfig, part: str, *inputs: jax.Array, metho
     Raises KeyError for an unknown part, AttributeError for an unknown method.
     """
     return modules(cfg)[part].apply({"params": params[part]}, *inputs, method=method)
+
+
+@contextlib.contextmanager
+def dense_operands(dtype: str) -> Iterator[None]:
+    """Within this context, every flax `nn.Dense` traced through `apply` multiplies with its input
+    and kernel rounded to `dtype`, accumulating in float32 (`lax.dot_general`'s
+    preferred_element_type), and adds its bias in float32: (..., in) -> float32 (..., out), as
+    before, with about 2^-8 relative error per operand for 'bfloat16'. 'float32' changes nothing.
+
+    The planner's optional bfloat16 rollouts (`PlannerConfig.matmul_dtype`) use it; flax's GRU cell
+    builds its own dense layers, which a method interceptor (`flax.linen.intercept_methods`) reaches
+    without a copy of the cell. Raises ValueError for another dtype.
+    """
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    if dtype == "float32":
+        yield
+        return
+
+    def rounded_dense(next_fun, args, kwargs, context):
+        module = context.module
+        if not (isinstance(module, nn.Dense) and context.method_name == "__call__"
+                and module.has_variable("params", "kernel")):  # initialisation: flax's own
+            return next_fun(*args, **kwargs)
+        (x,) = args
+        kernel = module.get_variable("params", "kernel")
+        y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (((x.ndim - 1,), (0,)), ((), ())),
+                                preferred_element_type=jnp.float32)
+        return y + module.get_variable("params", "bias") if module.use_bias else y
+
+    with nn.intercept_methods(rounded_dense):
+        yield
 
 
 def init_params(cfg: ModelConfig, action_dim: int, key: jax.Array) -> Params:

@@ -67,10 +67,11 @@ def _plan_one(params: Params, state: rssm.RSSMState, key: jax.Array, prev_mean: 
     init_mean = None
     if planner_cfg.warm_start and prev_mean is not None:
         init_mean = shift_plan(prev_mean)
-    result = cem.cem(functools.partial(predicted_return, params, model_cfg, state), key,
-                     horizon=planner_cfg.horizon, action_dim=action_dim,
-                     iterations=planner_cfg.iterations, candidates=planner_cfg.candidates,
-                     top_k=planner_cfg.top_k, low=ACTION_LOW, high=ACTION_HIGH, init_mean=init_mean)
+    with networks.dense_operands(planner_cfg.matmul_dtype):
+        result = cem.cem(functools.partial(predicted_return, params, model_cfg, state), key,
+                         horizon=planner_cfg.horizon, action_dim=action_dim,
+                         iterations=planner_cfg.iterations, candidates=planner_cfg.candidates,
+                         top_k=planner_cfg.top_k, low=ACTION_LOW, high=ACTION_HIGH, init_mean=init_mean)
     return result.mean[0], result.mean
 
 
@@ -113,7 +114,7 @@ def plan_batching(model_cfg: ModelConfig, planner_cfg: PlannerConfig, action_dim
     gflop = p.iterations * p.candidates * p.horizon * (transition + reward) / 1e9
     key = (f"N{n} H{p.horizon} I{p.iterations} J{p.candidates} K{p.top_k} warm{int(p.warm_start)} a{action_dim} "
            f"{m.kind} h{m.h_size} s{m.s_size} hidden{m.hidden} reward{m.reward_hidden}x{m.reward_layers} "
-           f"unroll{IMAGINE_UNROLL}")
+           f"unroll{IMAGINE_UNROLL}" + ("" if p.matmul_dtype == "float32" else f" {p.matmul_dtype}"))
     pin = p.batching if n > 1 or p.batching != "auto" else "default"  # one environment: the same
     return (tuner or autotune.Tuner()).choose("planner.batching", key, candidates, default, pin, gflop)
 

@@ -27,7 +27,8 @@ RESUMABLE_CHANGES = (("train", "episodes"), ("train", "num_envs"), ("train", "co
                      ("train", "graded_seed_actions"), ("train", "test_episodes"),
                      ("train", "max_skipped_updates"),
                      ("model", "fast_conv"), ("model", "conv_dtype"), ("model", "image_group"),
-                     ("model", "conv_impl"), ("planner", "batching"))
+                     ("model", "conv_impl"), ("planner", "batching"),
+                     ("planner", "matmul_dtype"))
 
 
 class RunError(Exception):

@@ -71,6 +71,7 @@ def _with(section, **changes):
     ("model", {"bit_depth": 9}, "model.bit_depth must be in 1..8"),
     ("model", {"kind": "lstm"}, "model.kind must be one of rssm, ssm, rnn"),
     ("model", {"conv_dtype": "bfloat16", "fast_conv": False}, "needs model.fast_conv=true"),
+    ("planner", {"matmul_dtype": "float16"}, "planner.matmul_dtype must be one of float32, bfloat16"),
     ("train", {"expl_noise": -0.1}, "train.expl_noise and loss.free_nats must be >= 0"),
 ])
 def test_validate_names_the_impossible_value(section, changes, message):

@@ -1,4 +1,5 @@
 import dataclasses
+import functools
 
 import chex
 import jax
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 from planet_jax import networks, planner, rssm
-from planet_jax.config import PLAN_BATCHING, PlannerConfig
+from planet_jax.config import MATMUL_DTYPES, PLAN_BATCHING, PlannerConfig
 from tests.conftest import ACTION_DIM, assert_trees_close, tiny_model
 from tests.test_cem import count_eqns
 
@@ -64,13 +65,14 @@ def plan(cfg):
     return planner.make_planner(cfg, SMALL, ACTION_DIM)
 
 
-def test_each_environment_is_planned_from_its_own_state(cfg, params):
+@pytest.mark.parametrize("matmul_dtype", MATMUL_DTYPES)
+def test_each_environment_is_planned_from_its_own_state(cfg, params, matmul_dtype):
     # The original TF planner paired one environment's candidate actions with other environments'
     # states. Here environments 0, 2 and 1, 3 start at opposite h_0[0] and need opposite actions.
     params = steering_params(cfg, params)
     h0 = jnp.array([0.6, -0.6, 0.3, -0.3])
     state = rssm.RSSMState(jnp.zeros((4, cfg.h_size)).at[:, 0].set(h0), jnp.zeros((4, cfg.s_size)))
-    cfg_plan = PlannerConfig(horizon=3, iterations=5, candidates=200, top_k=20)
+    cfg_plan = PlannerConfig(horizon=3, iterations=5, candidates=200, top_k=20, matmul_dtype=matmul_dtype)
     plan = planner.make_planner(cfg, cfg_plan, ACTION_DIM)
     action, _ = plan(params, state, jax.random.split(jax.random.PRNGKey(1), 4))
     np.testing.assert_allclose(action[:, 0], -np.arctanh(h0) / 2, atol=0.03)  # reached: ~0.01
@@ -202,3 +204,88 @@ def test_predicted_rewards_and_return_step_by_step(cfg, params):
             np.testing.assert_allclose(rewards[j, t], r_t, rtol=1e-5, atol=1e-5)
             total += r_t
         np.testing.assert_allclose(returns[j], total, rtol=1e-5, atol=1e-5)
+
+
+def numpy_transition_and_reward(params, cfg, h, s, a, round_operands):
+    """The transition (dense + ReLU, a GRU cell in flax's gate layout, the prior's MLP) and the reward
+    model written out in float64 numpy, each matmul's operands first passed through round_operands."""
+    p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+    dense = lambda x, layer: round_operands(x) @ round_operands(layer["kernel"]) + layer.get("bias", 0.0)
+    sigmoid = lambda x: 1 / (1 + np.exp(-x))
+    t, g = p["transition"], p["transition"]["gru"]
+    x = np.maximum(dense(np.concatenate([s, a], -1), t["embed_sa"]), 0)
+    r = sigmoid(dense(x, g["ir"]) + dense(h, g["hr"]))
+    z = sigmoid(dense(x, g["iz"]) + dense(h, g["hz"]))
+    n = np.tanh(dense(x, g["in"]) + r * dense(h, g["hn"]))
+    h_next = (1 - z) * n + z * h
+    raw = dense(np.maximum(dense(h_next, t["prior_hidden"]), 0), t["prior_out"])
+    y = np.concatenate([h_next, s], -1)
+    for i in range(cfg.reward_layers):
+        y = np.maximum(dense(y, p["reward"][f"Dense_{i}"]), 0)
+    return h_next, raw, dense(y, p["reward"][f"Dense_{cfg.reward_layers}"])[..., 0]
+
+
+@pytest.mark.parametrize("dtype", MATMUL_DTYPES)
+def test_dense_operands_round_every_matmul_operand_and_nothing_else(cfg, params, dtype):
+    """Under networks.dense_operands the transition and reward model equal a float64 numpy version
+    whose matmul operands are rounded to `dtype` (float32's error only), and for bfloat16 differ
+    from the unrounded version by much more: the rounding happened."""
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(7), 3)
+    h = jax.random.uniform(k1, (8, cfg.h_size), minval=-1)
+    s, a = jax.random.normal(k2, (8, cfg.s_size)), jax.random.uniform(k3, (8, ACTION_DIM), minval=-1)
+
+    @jax.jit
+    def model(params, h, s, a):
+        with networks.dense_operands(dtype):
+            h_next, raw = networks.apply(params, cfg, "transition", h, s, a)
+            return h_next, raw, networks.reward(params, cfg, jnp.concatenate([h_next, s], -1))
+
+    got = model(params, h, s, a)
+    assert all(x.dtype == jnp.float32 for x in got)
+    to_bf16 = lambda x: np.asarray(np.asarray(x, np.float32).astype(jnp.bfloat16), np.float64)
+    rounded = numpy_transition_and_reward(params, cfg, *map(np.asarray, (h, s, a)),
+                                          to_bf16 if dtype == "bfloat16" else np.asarray)
+    exact = numpy_transition_and_reward(params, cfg, *map(np.asarray, (h, s, a)), np.asarray)
+    for g, want, plain in zip(got, rounded, exact):
+        np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-5)
+        if dtype == "bfloat16":
+            assert np.abs(want - plain).max() > 1e-3
+        else:
+            np.testing.assert_allclose(g, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_operands_rejects_another_dtype():
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        with networks.dense_operands("float16"):
+            pass
+
+
+def dot_operand_dtypes(jaxpr) -> set:
+    """(lhs, rhs, result) dtypes of every dot_general in a jaxpr, nested jaxprs included."""
+    found = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.add(tuple(str(v.aval.dtype) for v in (*eqn.invars, *eqn.outvars)))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    found |= dot_operand_dtypes(sub)
+    return found
+
+
+@pytest.mark.parametrize("matmul_dtype", MATMUL_DTYPES)
+def test_plan_multiplies_in_the_configured_dtype(cfg, params, matmul_dtype):
+    """Every matmul of a decision (one environment and a batch) takes `matmul_dtype` operands and
+    gives float32, and the bfloat16 decision stays near the float32 one on random parameters."""
+    cfg_plan = dataclasses.replace(SMALL, matmul_dtype=matmul_dtype)
+    for batch in ((), (N,)):
+        state = random_states(cfg, jax.random.PRNGKey(2), batch)
+        key = jax.random.split(jax.random.PRNGKey(3), N) if batch else jax.random.PRNGKey(3)
+        run = functools.partial(planner._plan, model_cfg=cfg, planner_cfg=cfg_plan, action_dim=ACTION_DIM)
+        dtypes = dot_operand_dtypes(jax.make_jaxpr(run)(params, state, key).jaxpr)
+        assert dtypes == {(matmul_dtype, matmul_dtype, "float32")}
+    plain = planner.make_planner(cfg, SMALL, ACTION_DIM)(params, state, key)[1]
+    rounded = planner.make_planner(cfg, cfg_plan, ACTION_DIM)(params, state, key)[1]
+    assert rounded.dtype == jnp.float32
+    np.testing.assert_allclose(rounded, plain, atol=0.3)

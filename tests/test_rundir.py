@@ -37,7 +37,7 @@ def test_resume_accepts_only_resumable_changes(tmp_path):
     cfg = config.tiny()
     rundir.prepare(tmp_path, cfg, ENV, 0)
     extended = config.override(cfg, ["train.episodes=9", "train.test_episodes=4",
-                                     "train.max_skipped_updates=5"])
+                                     "train.max_skipped_updates=5", "planner.matmul_dtype=bfloat16"])
     assert rundir.prepare(tmp_path, extended, ENV, 0) == extended
     assert rundir.read(tmp_path)[0] == cfg  # the stored config is left as it was
     other = config.override(cfg, ["planner.candidates=32"])
