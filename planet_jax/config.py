@@ -129,7 +129,8 @@ class PlannerConfig:
     transition's and the reward model's dense layers, `networks.dense_operands`): 'float32', or
     'bfloat16' (accumulated in float32, biases and states float32; faster on CPUs with bf16 dot
     products, at about 2^-8 relative error per operand, so predicted returns and actions differ
-    slightly from float32's). The model is trained in float32 either way."""
+    slightly from float32's). The model is trained in float32 either way, and a resumed run may
+    change it."""
 
 
 @dataclasses.dataclass(frozen=True)

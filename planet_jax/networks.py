@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from planet_jax import ops
-from planet_jax.config import ModelConfig
+from planet_jax.config import MATMUL_DTYPES, ModelConfig
 from planet_jax.ops import Conv, Deconv, relu
 
 Params = Any
@@ -165,17 +165,22 @@ def apply(params: Params, cfg: ModelConfig, part: str, *inputs: jax.Array, metho
 
 @contextlib.contextmanager
 def dense_operands(dtype: str) -> Iterator[None]:
-    """Within this context, every flax `nn.Dense` traced through `apply` multiplies with its input
-    and kernel rounded to `dtype`, accumulating in float32 (`lax.dot_general`'s
-    preferred_element_type), and adds its bias in float32: (..., in) -> float32 (..., out), as
-    before, with about 2^-8 relative error per operand for 'bfloat16'. 'float32' changes nothing.
+    """Rounds the operands of flax's dense layers: within this context, every `nn.Dense` called on
+    this thread multiplies with its input and kernel cast to `dtype`, accumulating in float32
+    (`lax.dot_general`'s preferred_element_type), and adds its bias in float32: (..., in) ->
+    float32 (..., out) as before, each operand within 2^-8 relative error for 'bfloat16'. 'float32'
+    leaves the layers as they are (inside a 'bfloat16' context it does not undo that one).
 
-    The planner's optional bfloat16 rollouts (`PlannerConfig.matmul_dtype`) use it; flax's GRU cell
-    builds its own dense layers, which a method interceptor (`flax.linen.intercept_methods`) reaches
-    without a copy of the cell. Raises ValueError for another dtype.
+    It acts when a layer is called, which for jitted code is when the function is traced: a program
+    traced outside the context keeps float32 operands when later called inside it, and the other
+    way round (the planner enters it within its own jitted function). flax's GRU cell builds its
+    own dense layers, which a method interceptor (`flax.linen.intercept_methods`) reaches without a
+    copy of the cell. Used by the planner's optional bfloat16 rollouts (`PlannerConfig.matmul_dtype`).
+
+    Raises ValueError for a dtype not in config.MATMUL_DTYPES.
     """
-    if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    if dtype not in MATMUL_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(MATMUL_DTYPES)}, got {dtype!r}")
     if dtype == "float32":
         yield
         return
@@ -185,10 +190,7 @@ def dense_operands(dtype: str) -> Iterator[None]:
         if not (isinstance(module, nn.Dense) and context.method_name == "__call__"
                 and module.has_variable("params", "kernel")):  # initialisation: flax's own
             return next_fun(*args, **kwargs)
-        (x,) = args
-        kernel = module.get_variable("params", "kernel")
-        y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (((x.ndim - 1,), (0,)), ((), ())),
-                                preferred_element_type=jnp.float32)
+        y = ops._dot(args[0] if args else kwargs["inputs"], module.get_variable("params", "kernel"), dtype)
         return y + module.get_variable("params", "bias") if module.use_bias else y
 
     with nn.intercept_methods(rounded_dense):

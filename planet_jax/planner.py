@@ -4,7 +4,9 @@ From the current belief (h_t, s_t), each of J candidate action sequences a_{t:t+
 rolling the prior forward with `rssm.imagine` and summing the reward model's predictions over the H
 imagined states; `cem.cem` refits to the K best for I iterations and the agent acts with the first
 action of the final mean. The paper restarts every decision from N(0, I); optionally the previous
-plan, shifted by one step, is the initial mean (`PlannerConfig.warm_start`).
+plan, shifted by one step, is the initial mean (`PlannerConfig.warm_start`). With
+`PlannerConfig.matmul_dtype='bfloat16'` the rollouts' dense layers multiply bfloat16 operands
+(`networks.dense_operands`, entered while the jitted plan is traced).
 
 `make_planner(model_cfg, planner_cfg, action_dim)` returns one jitted `plan` that serves one
 environment (state.h (|h|,), one key) or N at once (state.h (N, |h|), N keys). The batch maps the

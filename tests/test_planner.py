@@ -2,6 +2,7 @@ import dataclasses
 import functools
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -206,56 +207,61 @@ def test_predicted_rewards_and_return_step_by_step(cfg, params):
         np.testing.assert_allclose(returns[j], total, rtol=1e-5, atol=1e-5)
 
 
-def numpy_transition_and_reward(params, cfg, h, s, a, round_operands):
-    """The transition (dense + ReLU, a GRU cell in flax's gate layout, the prior's MLP) and the reward
-    model written out in float64 numpy, each matmul's operands first passed through round_operands."""
-    p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
-    dense = lambda x, layer: round_operands(x) @ round_operands(layer["kernel"]) + layer.get("bias", 0.0)
-    sigmoid = lambda x: 1 / (1 + np.exp(-x))
-    t, g = p["transition"], p["transition"]["gru"]
-    x = np.maximum(dense(np.concatenate([s, a], -1), t["embed_sa"]), 0)
-    r = sigmoid(dense(x, g["ir"]) + dense(h, g["hr"]))
-    z = sigmoid(dense(x, g["iz"]) + dense(h, g["hz"]))
-    n = np.tanh(dense(x, g["in"]) + r * dense(h, g["hn"]))
-    h_next = (1 - z) * n + z * h
-    raw = dense(np.maximum(dense(h_next, t["prior_hidden"]), 0), t["prior_out"])
-    y = np.concatenate([h_next, s], -1)
-    for i in range(cfg.reward_layers):
-        y = np.maximum(dense(y, p["reward"][f"Dense_{i}"]), 0)
-    return h_next, raw, dense(y, p["reward"][f"Dense_{cfg.reward_layers}"])[..., 0]
+def with_random_biases(params, key):
+    """`params` with every bias drawn from N(0, 0.5^2): flax initialises them to zero, which would
+    hide a bias dropped or rounded."""
+    leaves, tree = jax.tree.flatten_with_path(params)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(tree, [x + 0.5 * jax.random.normal(k, x.shape) if path[-1].key == "bias" else x
+                                     for (path, x), k in zip(leaves, keys)])
+
+
+def to_bf16(x):
+    return np.asarray(np.asarray(x, np.float32).astype(jnp.bfloat16), np.float64)
 
 
 @pytest.mark.parametrize("dtype", MATMUL_DTYPES)
-def test_dense_operands_round_every_matmul_operand_and_nothing_else(cfg, params, dtype):
-    """Under networks.dense_operands the transition and reward model equal a float64 numpy version
-    whose matmul operands are rounded to `dtype` (float32's error only), and for bfloat16 differ
-    from the unrounded version by much more: the rounding happened."""
-    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(7), 3)
-    h = jax.random.uniform(k1, (8, cfg.h_size), minval=-1)
-    s, a = jax.random.normal(k2, (8, cfg.s_size)), jax.random.uniform(k3, (8, ACTION_DIM), minval=-1)
+def test_dense_operands_round_each_matmul_operand_and_nothing_else(dtype):
+    """A flax Dense layer and flax's GRU cell under networks.dense_operands against float64 numpy
+    versions whose matmul operands are rounded to `dtype` (the GRU in flax's gate layout: biases on
+    the input layers and on hn); for bfloat16 they differ from the unrounded versions by far more
+    than float32's error, so the rounding happened. One layer at a time, from the same float32
+    inputs, so that no rounded intermediate can fall on the other side of a bfloat16 boundary."""
+    round_to = to_bf16 if dtype == "bfloat16" else (lambda x: np.asarray(x, np.float64))
+    k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(7), 4)
+    x = jax.random.normal(k1, (3, 8, 12))  # two leading axes
+    h = jax.random.uniform(k2, (3, 8, 16), minval=-1)
+    dense, cell = nn.Dense(16), nn.GRUCell(16)
+    p_dense = with_random_biases(dense.init(k3, x)["params"], k4)
+    p_cell = with_random_biases(cell.init(k3, h, x)["params"], k4)
 
     @jax.jit
-    def model(params, h, s, a):
+    def layers(p_dense, p_cell, x, h):
         with networks.dense_operands(dtype):
-            h_next, raw = networks.apply(params, cfg, "transition", h, s, a)
-            return h_next, raw, networks.reward(params, cfg, jnp.concatenate([h_next, s], -1))
+            return dense.apply({"params": p_dense}, x), cell.apply({"params": p_cell}, h, x)[0]
 
-    got = model(params, h, s, a)
-    assert all(x.dtype == jnp.float32 for x in got)
-    to_bf16 = lambda x: np.asarray(np.asarray(x, np.float32).astype(jnp.bfloat16), np.float64)
-    rounded = numpy_transition_and_reward(params, cfg, *map(np.asarray, (h, s, a)),
-                                          to_bf16 if dtype == "bfloat16" else np.asarray)
-    exact = numpy_transition_and_reward(params, cfg, *map(np.asarray, (h, s, a)), np.asarray)
-    for g, want, plain in zip(got, rounded, exact):
-        np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-5)
+    got_dense, got_cell = layers(p_dense, p_cell, x, h)
+    assert got_dense.dtype == got_cell.dtype == jnp.float32
+
+    def numpy_layers(round_operands):
+        p = jax.tree.map(lambda v: np.asarray(v, np.float64), (p_dense, p_cell))
+        lin = lambda v, layer: round_operands(v) @ round_operands(layer["kernel"]) + layer.get("bias", 0.0)
+        sigmoid = lambda v: 1 / (1 + np.exp(-v))
+        g, xs, hs = p[1], np.asarray(x, np.float64), np.asarray(h, np.float64)
+        r = sigmoid(lin(xs, g["ir"]) + lin(hs, g["hr"]))
+        z = sigmoid(lin(xs, g["iz"]) + lin(hs, g["hz"]))
+        n = np.tanh(lin(xs, g["in"]) + r * lin(hs, g["hn"]))
+        return lin(xs, p[0]), (1 - z) * n + z * hs
+
+    plain = numpy_layers(lambda v: np.asarray(v, np.float64))
+    for got, want, exact in zip((got_dense, got_cell), numpy_layers(round_to), plain):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
         if dtype == "bfloat16":
-            assert np.abs(want - plain).max() > 1e-3
-        else:
-            np.testing.assert_allclose(g, plain, rtol=1e-5, atol=1e-5)
+            assert np.abs(want - exact).max() > 1e-3
 
 
 def test_dense_operands_rejects_another_dtype():
-    with pytest.raises(ValueError, match="float32 or bfloat16"):
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16"):
         with networks.dense_operands("float16"):
             pass
 
@@ -274,18 +280,18 @@ def dot_operand_dtypes(jaxpr) -> set:
     return found
 
 
+@pytest.mark.parametrize("kind", ["rssm", "ssm", "rnn"])
 @pytest.mark.parametrize("matmul_dtype", MATMUL_DTYPES)
-def test_plan_multiplies_in_the_configured_dtype(cfg, params, matmul_dtype):
-    """Every matmul of a decision (one environment and a batch) takes `matmul_dtype` operands and
-    gives float32, and the bfloat16 decision stays near the float32 one on random parameters."""
-    cfg_plan = dataclasses.replace(SMALL, matmul_dtype=matmul_dtype)
-    for batch in ((), (N,)):
+def test_plan_multiplies_in_the_configured_dtype(kind, matmul_dtype):
+    """Every matmul of a decision (one environment, and a batch by each batching) takes
+    `matmul_dtype` operands and gives float32, for each model kind; the actions stay float32."""
+    cfg = tiny_model(kind=kind)
+    params = planner_params(cfg, jax.random.PRNGKey(0))
+    for batch, batching in (((), "default"), ((N,), "map"), ((N,), "vmap")):
+        cfg_plan = dataclasses.replace(SMALL, matmul_dtype=matmul_dtype, batching=batching)
         state = random_states(cfg, jax.random.PRNGKey(2), batch)
         key = jax.random.split(jax.random.PRNGKey(3), N) if batch else jax.random.PRNGKey(3)
         run = functools.partial(planner._plan, model_cfg=cfg, planner_cfg=cfg_plan, action_dim=ACTION_DIM)
-        dtypes = dot_operand_dtypes(jax.make_jaxpr(run)(params, state, key).jaxpr)
-        assert dtypes == {(matmul_dtype, matmul_dtype, "float32")}
-    plain = planner.make_planner(cfg, SMALL, ACTION_DIM)(params, state, key)[1]
-    rounded = planner.make_planner(cfg, cfg_plan, ACTION_DIM)(params, state, key)[1]
-    assert rounded.dtype == jnp.float32
-    np.testing.assert_allclose(rounded, plain, atol=0.3)
+        jaxpr = jax.make_jaxpr(run)(params, state, key)
+        assert dot_operand_dtypes(jaxpr.jaxpr) == {(matmul_dtype, matmul_dtype, "float32")}
+        assert all(v.aval.dtype == jnp.float32 for v in jaxpr.jaxpr.outvars)
