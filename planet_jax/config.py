@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 MODEL_KINDS = ("rssm", "ssm", "rnn")
 CONV_DTYPES = ("float32", "bfloat16")
-MATMUL_DTYPES = CONV_DTYPES
+MATMUL_DTYPES = ("float32", "bfloat16")
 # Formulations of a stride-2 conv layer (planet_jax.ops, where each is described) and of the
 # planner's batch over environments (planet_jax.planner); all compute the same function.
 CONV_IMPLS = ("mixed", "xla", "conv", "im2col", "taps", "outer")

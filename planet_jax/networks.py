@@ -190,7 +190,7 @@ def dense_operands(dtype: str) -> Iterator[None]:
         if not (isinstance(module, nn.Dense) and context.method_name == "__call__"
                 and module.has_variable("params", "kernel")):  # initialisation: flax's own
             return next_fun(*args, **kwargs)
-        y = ops._dot(args[0] if args else kwargs["inputs"], module.get_variable("params", "kernel"), dtype)
+        y = ops.dot(args[0] if args else kwargs["inputs"], module.get_variable("params", "kernel"), dtype)
         return y + module.get_variable("params", "bias") if module.use_bias else y
 
     with nn.intercept_methods(rounded_dense):

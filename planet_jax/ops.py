@@ -111,8 +111,9 @@ def _cast(x: jax.Array, dtype: str) -> jax.Array:
     return x if dtype == "float32" else x.astype(dtype)
 
 
-def _dot(x: jax.Array, w: jax.Array, dtype: str) -> jax.Array:
-    """x (..., K) @ w (K, N) with `dtype` operands, accumulated and returned in float32."""
+def dot(x: jax.Array, w: jax.Array, dtype: str) -> jax.Array:
+    """x (..., K) @ w (K, N) with operands cast to `dtype` ('float32' or 'bfloat16'), accumulated
+    and returned in float32 (`jnp.dot`'s preferred_element_type): float32 (..., N)."""
     return jnp.dot(_cast(x, dtype), _cast(w, dtype), preferred_element_type=jnp.float32)
 
 
@@ -125,16 +126,16 @@ def _dot_t(x: jax.Array, y: jax.Array, dtype: str) -> jax.Array:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _matmul(x: jax.Array, w: jax.Array, dtype: str) -> jax.Array:
     """`_dot` whose backward matmuls also take `dtype` operands (autodiff would mix dtypes)."""
-    return _dot(x, w, dtype)
+    return dot(x, w, dtype)
 
 
 def _matmul_fwd(x, w, dtype):
-    return _dot(x, w, dtype), (_cast(x, dtype), _cast(w, dtype))
+    return dot(x, w, dtype), (_cast(x, dtype), _cast(w, dtype))
 
 
 def _matmul_bwd(dtype, res, g):
     x, w = res
-    return _dot(g, w.T, dtype), _dot_t(x, g, dtype)
+    return dot(g, w.T, dtype), _dot_t(x, g, dtype)
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
@@ -343,7 +344,7 @@ def _forward_phase_conv(x: jax.Array, kernel: jax.Array, dtype: str, impl: str) 
 def _forward_matmul(x: jax.Array, kernel: jax.Array, dtype: str) -> jax.Array:
     k, _, _, c_out = kernel.shape
     b, h, w, _ = x.shape
-    cols = _dot(x, _scatter_matrix(kernel), dtype).reshape(b, h, w, k, k, c_out)  # every pixel's k x k contribution
+    cols = dot(x, _scatter_matrix(kernel), dtype).reshape(b, h, w, k, k, c_out)  # every pixel's k x k contribution
     # Overlap-add: tap (p, q) = (2a + r, 2b + s) of pixel (i, j) lands on phase (r, s) at (i + a, j + b).
     a = (k + 1) // 2
     cols = jnp.pad(cols, ((0, 0),) * 3 + ((0, 2 * a - k), (0, 2 * a - k), (0, 0)))
@@ -369,7 +370,7 @@ def _backward_matmul(x: jax.Array, kernel: jax.Array, dy: jax.Array, dtype: str
     k, _, c_in, c_out = kernel.shape
     # Pixel (i, j)'s tap (p, q) landed on y[2i + p, 2j + q] (module docstring).
     patches = _im2col(dy, k, k, stride=2)                        # (B, h, w, (p, q, O))
-    dx = _dot(patches, _scatter_matrix(kernel).T, dtype)
+    dx = dot(patches, _scatter_matrix(kernel).T, dtype)
     d_s = _dot_t(x, patches, dtype).reshape(c_in, k, k, c_out).transpose(1, 2, 0, 3)
     return dx, d_s[::-1, ::-1]
 

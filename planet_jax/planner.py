@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from planet_jax import autotune, cem, networks, rssm
-from planet_jax.config import PLAN_BATCHING, ModelConfig, PlannerConfig
+from planet_jax.config import MATMUL_DTYPES, PLAN_BATCHING, ModelConfig, PlannerConfig
 from planet_jax.networks import Params
 
 ACTION_LOW, ACTION_HIGH = -1.0, 1.0
@@ -145,7 +145,12 @@ def make_planner(model_cfg: ModelConfig, planner_cfg: PlannerConfig, action_dim:
     N environments: state.h (N, |h|), state.s (N, |s|), key (N,) keys (jax.random.split(k, N)),
     prev_mean (N, H, A) or None; returns (N, A) and (N, H, A), equal to N single calls.
     prev_mean is used only when planner_cfg.warm_start is set (CEM then starts at shift_plan(prev_mean)).
+    Matmul operands are planner_cfg.matmul_dtype (`networks.dense_operands`).
+    Raises ValueError (one line) for a matmul_dtype not in config.MATMUL_DTYPES.
     """
+    if planner_cfg.matmul_dtype not in MATMUL_DTYPES:
+        raise ValueError(f"planner.matmul_dtype must be one of {', '.join(MATMUL_DTYPES)}, "
+                         f"got {planner_cfg.matmul_dtype!r}")
     plan = functools.partial(_plan, model_cfg=model_cfg, planner_cfg=planner_cfg,
                              action_dim=action_dim)
     return jax.jit(plan)

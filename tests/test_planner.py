@@ -1,5 +1,4 @@
 import dataclasses
-import functools
 
 import chex
 import flax.linen as nn
@@ -260,10 +259,12 @@ def test_dense_operands_round_each_matmul_operand_and_nothing_else(dtype):
             assert np.abs(want - exact).max() > 1e-3
 
 
-def test_dense_operands_rejects_another_dtype():
-    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16"):
+def test_another_matmul_dtype_is_an_error_that_names_the_setting(cfg):
+    with pytest.raises(ValueError, match="^dtype must be one of float32, bfloat16, got 'float16'$"):
         with networks.dense_operands("float16"):
             pass
+    with pytest.raises(ValueError, match="^planner.matmul_dtype must be one of float32, bfloat16, got 'bf16'$"):
+        planner.make_planner(cfg, dataclasses.replace(SMALL, matmul_dtype="bf16"), ACTION_DIM)
 
 
 def dot_operand_dtypes(jaxpr) -> set:
@@ -291,7 +292,21 @@ def test_plan_multiplies_in_the_configured_dtype(kind, matmul_dtype):
         cfg_plan = dataclasses.replace(SMALL, matmul_dtype=matmul_dtype, batching=batching)
         state = random_states(cfg, jax.random.PRNGKey(2), batch)
         key = jax.random.split(jax.random.PRNGKey(3), N) if batch else jax.random.PRNGKey(3)
-        run = functools.partial(planner._plan, model_cfg=cfg, planner_cfg=cfg_plan, action_dim=ACTION_DIM)
-        jaxpr = jax.make_jaxpr(run)(params, state, key)
+        jaxpr = jax.make_jaxpr(planner.make_planner(cfg, cfg_plan, ACTION_DIM))(params, state, key)
         assert dot_operand_dtypes(jaxpr.jaxpr) == {(matmul_dtype, matmul_dtype, "float32")}
         assert all(v.aval.dtype == jnp.float32 for v in jaxpr.jaxpr.outvars)
+
+
+def test_plan_batching_is_cached_apart_per_matmul_dtype(cfg):
+    """The batching measured with bfloat16 operands is stored under its own key; float32's key is
+    the one used before the setting existed, so choices already cached stay valid."""
+    keys = []
+
+    class Spy:
+        def choose(self, op, key, candidates, default, pin, gflop):
+            keys.append(key)
+            return default
+
+    for dtype in MATMUL_DTYPES:
+        planner.plan_batching(cfg, dataclasses.replace(SMALL, matmul_dtype=dtype), ACTION_DIM, N, Spy())
+    assert keys[0].endswith(f"unroll{planner.IMAGINE_UNROLL}") and keys[1] == keys[0] + " bfloat16"
