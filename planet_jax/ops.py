@@ -125,7 +125,7 @@ def _dot_t(x: jax.Array, y: jax.Array, dtype: str) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _matmul(x: jax.Array, w: jax.Array, dtype: str) -> jax.Array:
-    """`_dot` whose backward matmuls also take `dtype` operands (autodiff would mix dtypes)."""
+    """`dot` whose backward matmuls also take `dtype` operands (autodiff would mix dtypes)."""
     return dot(x, w, dtype)
 
 
