@@ -165,11 +165,12 @@ def apply(params: Params, cfg: ModelConfig, part: str, *inputs: jax.Array, metho
 
 @contextlib.contextmanager
 def dense_operands(dtype: str) -> Iterator[None]:
-    """Rounds the operands of flax's dense layers: within this context, every `nn.Dense` called on
-    this thread multiplies with its input and kernel cast to `dtype`, accumulating in float32
-    (`lax.dot_general`'s preferred_element_type), and adds its bias in float32: (..., in) ->
-    float32 (..., out) as before, each operand within 2^-8 relative error for 'bfloat16'. 'float32'
-    leaves the layers as they are (inside a 'bfloat16' context it does not undo that one).
+    """Rounds the operands of flax's `nn.Dense` layers: within this context, every `nn.Dense` (not
+    `DenseGeneral` or `Einsum`) called on this thread multiplies with its input and kernel cast to
+    `dtype`, accumulating in float32 (`lax.dot_general`'s preferred_element_type), and adds its bias
+    in float32: (..., in) -> float32 (..., out), each operand within 2^-8 relative error for
+    'bfloat16'; the layer's own dtype, precision and dot_general are not used. 'float32' leaves the
+    layers as they are (inside a 'bfloat16' context it does not undo that one).
 
     It acts when a layer is called, which for jitted code is when the function is traced: a program
     traced outside the context keeps float32 operands when later called inside it, and the other

@@ -35,6 +35,11 @@ class RunError(Exception):
     """A problem with the user's input or the run folder, reported in one line (exit code 2)."""
 
 
+class ResumedWithChangesWarning(UserWarning):
+    """A resume runs with RESUMABLE_CHANGES settings (other than train.episodes) that differ from the
+    ones config.json keeps, e.g. a run started with planner.matmul_dtype=bfloat16 resumed without it."""
+
+
 def _make_folder(logdir: Path) -> None:
     """Creates `logdir` if needed and checks that a file can be written in it; RunError (one
     line) if it is a file, cannot be created or is not writable."""
@@ -73,7 +78,8 @@ def prepare(logdir: str | Path, cfg: config.Config, env_name: str, seed: int) ->
 
     A new folder gets config.json and run.json ({"env", "seed"}), each written atomically. A folder
     with a run must hold the same env and seed and a config that differs from `cfg` only in
-    RESUMABLE_CHANGES; `cfg` is then returned (the stored config with those changes).
+    RESUMABLE_CHANGES; `cfg` is then returned (the stored config with those changes), with a
+    ResumedWithChangesWarning naming any of them other than train.episodes.
 
     Raises:
       RunError (one line) if `logdir` is a file, cannot be created or written, holds a run whose
@@ -103,6 +109,13 @@ def prepare(logdir: str | Path, cfg: config.Config, env_name: str, seed: int) ->
         if differences:
             raise RunError(f"{logdir} holds a run with another config: {', '.join(differences[:3])}; "
                            "resume with the same flags or use another --logdir")
+        changed = [f"{section}.{name}={asked[section][name]!r} (stored {old!r})"
+                   for section, fields in config.to_dict(stored).items() for name, old in fields.items()
+                   if (section, name) in RESUMABLE_CHANGES and (section, name) != ("train", "episodes")
+                   and asked[section][name] != old]
+        if changed:  # extending a run (train.episodes) is the usual resume, not worth a word
+            warnings.warn(f"resuming {logdir} with {', '.join(changed)}; config.json keeps the stored "
+                          "values", ResumedWithChangesWarning, stacklevel=2)
         return cfg
     try:
         # run.json last: it marks the folder as a run, so it never exists without config.json.

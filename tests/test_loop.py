@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from planet_jax import config, envs, logger, loop, replay, rollout
+from planet_jax import config, envs, logger, loop, replay, rollout, rundir
 
 ENV = "cartpole_swingup"  # tiny preset: 100 environment steps at R = 8 -> 13 agent steps, 14 frames
 
@@ -125,7 +125,9 @@ def test_a_run_folder_written_before_the_loop_state_still_resumes(tmp_path):
     shutil.copytree(Path(__file__).parent / "data" / "run_v1", logdir)
     stored = (logdir / "metrics.jsonl").read_text().splitlines()
     assert json.loads(stored[-1])["updates"] == 5
-    record = loop.train(tiny(episodes=4), ENV, logdir, seed=0, progress=False)
+    # Its config.json has no test_episodes: read as the default (5), resumed with the preset's 2.
+    with pytest.warns(rundir.ResumedWithChangesWarning, match=r"train\.test_episodes=2 \(stored 5\)"):
+        record = loop.train(tiny(episodes=4), ENV, logdir, seed=0, progress=False)
     assert (record["episode"], record["updates"]) == (4, 10)
     assert record["env_steps"] == json.loads(stored[-1])["env_steps"] + 100
     assert replay.Replay(logdir / "episodes", 0).load() == 4
