@@ -10,9 +10,10 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from experiments import train as train_cli
-from planet_jax import config, loop, replay
+from planet_jax import config, loop, replay, rundir
 
 ENV = "cartpole_swingup"  # tiny preset: 14-frame episodes
 
@@ -45,7 +46,8 @@ def test_non_finite_updates_are_skipped_counted_and_stop_the_run(tmp_path, capsy
         path.unlink()
         replay.save_episode(logdir / "episodes", episode, int(path.name.split("_")[1]))
     # C = 5: the first trained round skips all 5 updates and goes on, the second reaches the limit.
-    code, err = _main(_args(logdir, 6, "--set", "train.max_skipped_updates=8"), capsys)
+    with pytest.warns(rundir.ResumedWithChangesWarning, match=r"train\.max_skipped_updates=8 \(stored 20\)"):
+        code, err = _main(_args(logdir, 6, "--set", "train.max_skipped_updates=8"), capsys)
     assert code == 1 and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
     assert "10 updates in a row" in err and "update 10" in err and "checkpoints/3" in err
