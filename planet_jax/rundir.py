@@ -36,8 +36,9 @@ class RunError(Exception):
 
 
 class ResumedWithChangesWarning(UserWarning):
-    """A resume runs with RESUMABLE_CHANGES settings (other than train.episodes) that differ from the
-    ones config.json keeps, e.g. a run started with planner.matmul_dtype=bfloat16 resumed without it."""
+    """A resume runs with RESUMABLE_CHANGES settings (other than train.episodes) that differ from
+    those config.json holds (the first run's, which it keeps), e.g. a run started with
+    planner.matmul_dtype=bfloat16 resumed without it."""
 
 
 def _make_folder(logdir: Path) -> None:
@@ -79,7 +80,8 @@ def prepare(logdir: str | Path, cfg: config.Config, env_name: str, seed: int) ->
     A new folder gets config.json and run.json ({"env", "seed"}), each written atomically. A folder
     with a run must hold the same env and seed and a config that differs from `cfg` only in
     RESUMABLE_CHANGES; `cfg` is then returned (the stored config with those changes), with a
-    ResumedWithChangesWarning naming any of them other than train.episodes.
+    ResumedWithChangesWarning naming any of them, other than train.episodes, that config.json holds
+    with another value.
 
     Raises:
       RunError (one line) if `logdir` is a file, cannot be created or written, holds a run whose
@@ -91,9 +93,10 @@ def prepare(logdir: str | Path, cfg: config.Config, env_name: str, seed: int) ->
     if run_file.exists():
         try:
             run = json.loads(run_file.read_text())
+            written = json.loads(cfg_file.read_text())
             with warnings.catch_warnings():  # a resume runs the asked conv_impl, not the stored one
                 warnings.simplefilter("ignore", config.StoredConvImplWarning)
-                stored = config.from_dict(json.loads(cfg_file.read_text()))
+                stored = config.from_dict(written)
         except (OSError, ValueError, TypeError, KeyError) as err:
             raise RunError(f"{logdir} holds a run whose run.json/config.json cannot be read ({err}); "
                            "use another --logdir") from None
@@ -101,21 +104,23 @@ def prepare(logdir: str | Path, cfg: config.Config, env_name: str, seed: int) ->
             raise RunError(f"{logdir} holds a run of env {run.get('env')} seed {run.get('seed')}, "
                            f"not {env_name} seed {seed}; use another --logdir")
         asked = config.to_dict(cfg)
-        differences = [
-            f"{section}.{name} ({old!r} stored, {asked[section][name]!r} asked)"
-            for section, fields in config.to_dict(stored).items()
-            for name, old in fields.items()
-            if (section, name) not in RESUMABLE_CHANGES and asked[section][name] != old]
-        if differences:
-            raise RunError(f"{logdir} holds a run with another config: {', '.join(differences[:3])}; "
+        differences = [(section, name, old, asked[section][name])
+                       for section, fields in config.to_dict(stored).items() for name, old in fields.items()
+                       if asked[section][name] != old]
+        refused = [f"{section}.{name} ({old!r} stored, {new!r} asked)"
+                   for section, name, old, new in differences if (section, name) not in RESUMABLE_CHANGES]
+        if refused:
+            raise RunError(f"{logdir} holds a run with another config: {', '.join(refused[:3])}; "
                            "resume with the same flags or use another --logdir")
-        changed = [f"{section}.{name}={asked[section][name]!r} (stored {old!r})"
-                   for section, fields in config.to_dict(stored).items() for name, old in fields.items()
-                   if (section, name) in RESUMABLE_CHANGES and (section, name) != ("train", "episodes")
-                   and asked[section][name] != old]
-        if changed:  # extending a run (train.episodes) is the usual resume, not worth a word
-            warnings.warn(f"resuming {logdir} with {', '.join(changed)}; config.json keeps the stored "
-                          "values", ResumedWithChangesWarning, stacklevel=2)
+        # Only fields config.json holds: one written before a field existed did not choose its default.
+        # The episode count is left out: extending a run is the usual resume.
+        changed = [f"{section}.{name}={new!r} (config.json: {written[section][name]!r})"
+                   for section, name, _, new in differences
+                   if (section, name) != ("train", "episodes") and name in written.get(section, {})
+                   and written[section][name] != new]
+        if changed:
+            warnings.warn(f"resuming {logdir} with {', '.join(changed)}; evaluate and model_check read "
+                          "config.json", ResumedWithChangesWarning, stacklevel=2)
         return cfg
     try:
         # run.json last: it marks the folder as a run, so it never exists without config.json.

@@ -46,7 +46,7 @@ def test_non_finite_updates_are_skipped_counted_and_stop_the_run(tmp_path, capsy
         path.unlink()
         replay.save_episode(logdir / "episodes", episode, int(path.name.split("_")[1]))
     # C = 5: the first trained round skips all 5 updates and goes on, the second reaches the limit.
-    with pytest.warns(rundir.ResumedWithChangesWarning, match=r"train\.max_skipped_updates=8 \(stored 20\)"):
+    with pytest.warns(rundir.ResumedWithChangesWarning, match=r"train\.max_skipped_updates=8 \(config\.json: 20\)"):
         code, err = _main(_args(logdir, 6, "--set", "train.max_skipped_updates=8"), capsys)
     assert code == 1 and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err

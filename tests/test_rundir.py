@@ -41,12 +41,18 @@ def test_resume_accepts_only_resumable_changes(tmp_path):
     with pytest.warns(rundir.ResumedWithChangesWarning) as record:
         assert rundir.prepare(tmp_path, extended, ENV, 0) == extended
     message = str(record[0].message)
-    assert "train.test_episodes=4 (stored 2), train.max_skipped_updates=5 (stored" in message
-    assert "planner.matmul_dtype='bfloat16' (stored 'float32')" in message and "episodes=9" not in message
+    assert "train.test_episodes=4 (config.json: 2), train.max_skipped_updates=5 (config.json: 20)" in message
+    assert "planner.matmul_dtype='bfloat16' (config.json: 'float32')" in message
+    assert "episodes=9" not in message
     assert rundir.read(tmp_path)[0] == cfg  # the stored config is left as it was
     with warnings.catch_warnings():  # extending the run alone is the usual resume: no warning
         warnings.simplefilter("error")
         rundir.prepare(tmp_path, config.override(cfg, ["train.episodes=9"]), ENV, 0)
+        # Nor for a field config.json does not hold (written before the field existed).
+        written = json.loads((tmp_path / "config.json").read_text())
+        del written["planner"]["matmul_dtype"]
+        (tmp_path / "config.json").write_text(json.dumps(written))
+        rundir.prepare(tmp_path, config.override(cfg, ["planner.matmul_dtype=bfloat16"]), ENV, 0)
     other = config.override(cfg, ["planner.candidates=32"])
     message = _one_line_error(rundir.prepare, tmp_path, other, ENV, 0)
     assert "holds a run with another config: planner.candidates (16 stored, 32 asked)" in message
