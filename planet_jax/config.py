@@ -13,7 +13,8 @@ import warnings
 from typing import Any, Sequence
 
 MODEL_KINDS = ("rssm", "ssm", "rnn")
-CONV_DTYPES = ("float32", "bfloat16")
+# Operand types of the matmuls that accumulate in float32 (`ops.dot`): model.conv_dtype's and
+# planner.matmul_dtype's choices.
 MATMUL_DTYPES = ("float32", "bfloat16")
 # Formulations of a stride-2 conv layer (planet_jax.ops, where each is described) and of the
 # planner's batch over environments (planet_jax.planner); all compute the same function.
@@ -208,8 +209,8 @@ class Config:
             raise ValueError(f"model.bit_depth must be in 1..8, got {m.bit_depth}")
         if m.image_group < 0:
             raise ValueError(f"model.image_group must be >= 0, got {m.image_group}")
-        if m.conv_dtype not in CONV_DTYPES:
-            raise ValueError(f"model.conv_dtype must be one of {', '.join(CONV_DTYPES)}, got {m.conv_dtype!r}")
+        if m.conv_dtype not in MATMUL_DTYPES:
+            raise ValueError(f"model.conv_dtype must be one of {', '.join(MATMUL_DTYPES)}, got {m.conv_dtype!r}")
         pins = _conv_impl_pins(m.conv_impl)
         if isinstance(pins, dict) and (unknown := sorted(set(pins) - set(CONV_LAYERS))):
             raise ValueError(f"model.conv_impl names no layer {', '.join(unknown)}: the stride-2 layers are "

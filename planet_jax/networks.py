@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from planet_jax import ops
-from planet_jax.config import MATMUL_DTYPES, ModelConfig
+from planet_jax.config import ModelConfig
 from planet_jax.ops import Conv, Deconv, relu
 
 Params = Any
@@ -180,9 +180,7 @@ def dense_operands(dtype: str) -> Iterator[None]:
 
     Raises ValueError for a dtype not in config.MATMUL_DTYPES.
     """
-    if dtype not in MATMUL_DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(MATMUL_DTYPES)}, got {dtype!r}")
-    if dtype == "float32":
+    if ops.check_dtype(dtype) == "float32":
         yield
         return
 

@@ -63,7 +63,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from planet_jax import autotune
-from planet_jax.config import CONV_DTYPES, CONV_IMPLS, conv_impl_pin
+from planet_jax.config import CONV_IMPLS, MATMUL_DTYPES, conv_impl_pin
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
@@ -270,9 +270,10 @@ def _space_to_depth(y: jax.Array) -> jax.Array:
     return y.reshape(b, h2 // 2, w2 // 2, 4 * c)
 
 
-def _check_dtype(dtype: str) -> str:
-    if dtype not in CONV_DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(CONV_DTYPES)}, got {dtype!r}")
+def check_dtype(dtype: str) -> str:
+    """`dtype` if `dot` takes it (config.MATMUL_DTYPES); ValueError (one line) otherwise."""
+    if dtype not in MATMUL_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(MATMUL_DTYPES)}, got {dtype!r}")
     return dtype
 
 
@@ -446,7 +447,7 @@ def conv_transpose_s2(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = 
     """
     # k = 1 is excluded: flax pads its output to 2H there (VALID keeps max(k, stride) per input).
     _check_kernel(x, kernel, kernel.shape[0] >= 2, "k >= 2")
-    dtype, (fwd, bwd) = _check_dtype(dtype), _passes(impl)
+    dtype, (fwd, bwd) = check_dtype(dtype), _passes(impl)
     if fwd != bwd:
         return _apply(functools.partial(_two_pass, op=conv_transpose_s2, dtype=dtype, fwd=fwd, bwd=bwd),
                       x, kernel, bias)
@@ -482,7 +483,7 @@ def dense_conv_transpose_1x1(x: jax.Array, dense_kernel: jax.Array, dense_bias: 
                          f"(D, F) -> (k, k, F, O) for inputs {x.shape}")
     s = _scatter_matrix(kernel)
     rows, d = math.prod(x.shape[:-1]), x.shape[-1]
-    mm = _matmul_of(_check_dtype(dtype))
+    mm = _matmul_of(check_dtype(dtype))
     if d * f * k * k * o + rows * d * k * k * o < rows * f * (d + k * k * o):
         y = mm(x, jnp.dot(dense_kernel, s)) + jnp.dot(dense_bias, s)
     else:
@@ -510,7 +511,7 @@ def conv_s2(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
     Raises ValueError for a kernel that is not (k, k, I, O) with k even, or an unknown dtype or impl.
     """
     _check_kernel(x, kernel, kernel.shape[0] % 2 == 0, "k even")
-    dtype, (fwd, bwd) = _check_dtype(dtype), _passes(impl)
+    dtype, (fwd, bwd) = check_dtype(dtype), _passes(impl)
     if fwd != bwd:
         return _apply(functools.partial(_two_pass, op=conv_s2, dtype=dtype, fwd=fwd, bwd=bwd), x, kernel, bias)
     if fwd == "xla":
