@@ -345,11 +345,13 @@ def _forward_phase_conv(x: jax.Array, kernel: jax.Array, dtype: str, impl: str) 
 def _forward_matmul(x: jax.Array, kernel: jax.Array, dtype: str) -> jax.Array:
     k, _, _, c_out = kernel.shape
     b, h, w, _ = x.shape
-    cols = dot(x, _scatter_matrix(kernel), dtype).reshape(b, h, w, k, k, c_out)  # every pixel's k x k contribution
-    # Overlap-add: tap (p, q) = (2a + r, 2b + s) of pixel (i, j) lands on phase (r, s) at (i + a, j + b).
     a = (k + 1) // 2
-    cols = jnp.pad(cols, ((0, 0),) * 3 + ((0, 2 * a - k), (0, 2 * a - k), (0, 0)))
-    cols = cols.reshape(b, h, w, a, 2, a, 2, c_out)
+    # An odd k's kernel gets a leading row and column of zero taps, which S = kernel[::-1, ::-1] puts
+    # last: the matmul then writes every pixel's contributions as 2a x 2a taps, in the (a, 2, a, 2)
+    # order the overlap-add reads, instead of padding its large product afterwards.
+    even = jnp.pad(kernel, ((2 * a - k, 0), (2 * a - k, 0), (0, 0), (0, 0)))
+    cols = dot(x, _scatter_matrix(even), dtype).reshape(b, h, w, a, 2, a, 2, c_out)
+    # Overlap-add: tap (p, q) = (2a + r, 2b + s) of pixel (i, j) lands on phase (r, s) at (i + a, j + b).
     y = sum(jnp.pad(cols[:, :, :, i, :, j], ((0, 0), (i, a - 1 - i), (j, a - 1 - j), (0, 0), (0, 0), (0, 0)))
             for i in range(a) for j in range(a))
     y = y.transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * (h + a - 1), 2 * (w + a - 1), c_out)
