@@ -63,6 +63,20 @@ Builder = Callable[[], Callable[[], Any]]
 Timer = Callable[[str, Builder], float]
 
 
+def random_array(shape: tuple[int, ...], seed: int, uniform: tuple[float, float] | None = None) -> Any:
+    """A float32 jax array of `shape` to time candidates on: standard normal, or uniform on
+    [low, high) for uniform=(low, high); the same for the same seed. Drawn by numpy, since jax.random
+    compiles a program for every new shape, which a first search would pay for each candidate's
+    inputs (so would `jnp.asarray`; `jax.device_put` compiles nothing)."""
+    import jax
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    if uniform is None:
+        return jax.device_put(rng.standard_normal(shape, dtype=np.float32))
+    return jax.device_put(rng.uniform(*uniform, size=shape).astype(np.float32))
+
+
 class AutotuneWarning(UserWarning):
     """The cache could not be read or written; choices are then measured again or defaulted."""
 

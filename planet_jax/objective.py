@@ -160,9 +160,8 @@ def _timed_groups(cfg: ModelConfig, group: int, groups: int, length: int,
     gradients (parameters and the decoder head's output), compiled with the conv layers as cfg pins
     them, each pass it leaves 'auto' at its default (so timing a group does not first search layers).
     params() gives the encoder and decoder parameters (`_image_params`, shared by the candidates)."""
-    ko, kf = jax.random.split(jax.random.PRNGKey(1))
-    o = jax.random.uniform(ko, (groups, group * length, 64, 64, 3), minval=-0.5, maxval=0.5)
-    head = jax.random.normal(kf, (groups, group * length, 5, 5, 4 * cfg.cnn_depth))
+    o = autotune.random_array((groups, group * length, 64, 64, 3), 0, uniform=(-0.5, 0.5))
+    head = autotune.random_array((groups, group * length, 5, 5, 4 * cfg.cnn_depth), 1)
     params = params()
 
     def loss(p, head):

@@ -622,14 +622,13 @@ def _timed_layer(op: Callable, impl: str, pass_: str, x_shape: tuple[int, ...], 
     and the kernel), as the body of a loop over _LOOP_GROUPS groups (the loss maps over groups of
     sequences): XLA:CPU runs some convolutions (its strided conv's gradients) far slower inside a
     loop body than alone, so a candidate timed alone could win and then lose."""
-    kx, kk, kg = jax.random.split(jax.random.PRNGKey(0), 3)
-    x = jax.random.normal(kx, (_LOOP_GROUPS,) + x_shape)
-    kernel = jax.random.normal(kk, kernel_shape) / kernel_shape[0]
+    x = autotune.random_array((_LOOP_GROUPS,) + x_shape, 0)
+    kernel = autotune.random_array(kernel_shape, 1) / kernel_shape[0]
     fn = lambda x, w: op(x, w, None, dtype, impl)
     if pass_ == "forward":
         run = jax.jit(lambda x, w: jax.lax.map(lambda x: fn(x, w), x)).lower(x, kernel).compile()
         return lambda: jax.block_until_ready(run(x, kernel))
-    g = jax.random.normal(kg, (_LOOP_GROUPS,) + jax.eval_shape(fn, x[0], kernel).shape)
+    g = autotune.random_array((_LOOP_GROUPS,) + jax.eval_shape(fn, x[0], kernel).shape, 2)
     vjp = lambda x, w, g: jax.vjp(fn, x, w)[1](g)
     grads = jax.jit(lambda x, w, g: jax.lax.map(lambda xg: vjp(xg[0], w, xg[1]), (x, g))).lower(x, kernel, g).compile()
     return lambda: jax.block_until_ready(grads(x, kernel, g))

@@ -125,8 +125,8 @@ def _timed_plan(model_cfg: ModelConfig, planner_cfg: PlannerConfig, action_dim: 
                 batching: str) -> Callable[[], object]:
     """An autotune candidate: one decision for n environments with random parameters and states."""
     mods = networks.modules(model_cfg)
-    kt, kr, kh, ks, kk = jax.random.split(jax.random.PRNGKey(0), 5)
-    h, s = jax.random.normal(kh, (n, model_cfg.h_size)), jax.random.normal(ks, (n, model_cfg.s_size))
+    kt, kr, kk = jax.random.split(jax.random.PRNGKey(0), 3)
+    h, s = autotune.random_array((n, model_cfg.h_size), 0), autotune.random_array((n, model_cfg.s_size), 1)
     params = {"transition": mods["transition"].init(kt, h[0], s[0], jnp.zeros(action_dim))["params"],
               "reward": mods["reward"].init(kr, jnp.zeros(model_cfg.feature_size))["params"]}
     cfg = dataclasses.replace(planner_cfg, batching=batching)

@@ -340,9 +340,8 @@ def test_image_group_candidate_is_the_loss_image_work_over_groups():
     assert not np.any(grads["decoder"]["dense"]["kernel"]) and np.any(grads["decoder"]["deconv1"]["kernel"])
     # The grouped loop's gradients are those of the same images in one call (recomputed here).
     from planet_jax import networks
-    ko, kf = jax.random.split(jax.random.PRNGKey(1))
-    o = jax.random.uniform(ko, (3, 2, 64, 64, 3), minval=-0.5, maxval=0.5).reshape(6, 64, 64, 3)
-    head = jax.random.normal(kf, (3, 2, 5, 5, 4 * cfg.cnn_depth)).reshape(6, 5, 5, 4 * cfg.cnn_depth)
+    o = autotune.random_array((3, 2, 64, 64, 3), 0, uniform=(-0.5, 0.5)).reshape(6, 64, 64, 3)
+    head = autotune.random_array((3, 2, 5, 5, 4 * cfg.cnn_depth), 1).reshape(6, 5, 5, 4 * cfg.cnn_depth)
 
     def whole(p, head):
         return (jnp.sum(jnp.square(networks.decode_body(p, cfg, head) - o))
@@ -352,6 +351,26 @@ def test_image_group_candidate_is_the_loss_image_work_over_groups():
     for path, g in jax.tree_util.tree_leaves_with_path(want):
         got = dict(jax.tree_util.tree_leaves_with_path(grads))[path]
         np.testing.assert_allclose(got, g, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(g))), err_msg=str(path))
+
+
+def test_candidate_inputs_are_seeded_draws_that_compile_nothing():
+    compiles = []
+    listen = lambda event, duration, **kwargs: compiles.append(event) if "backend_compile" in event else None
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        jax.jit(lambda v: v + 1)(jnp.zeros(3)).block_until_ready()  # the listener sees compiles
+        assert compiles
+        compiles.clear()
+        x = autotune.random_array((40, 30, 17), 5)  # a shape nothing here has drawn before
+        u = autotune.random_array((20000,), 6, uniform=(-0.5, 0.5))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert not compiles
+    assert x.shape == (40, 30, 17) and x.dtype == u.dtype == jnp.float32
+    np.testing.assert_array_equal(x, autotune.random_array((40, 30, 17), 5))
+    assert not np.array_equal(x, autotune.random_array((40, 30, 17), 7))
+    assert abs(float(x.mean())) < 0.03 and abs(float(x.std()) - 1) < 0.03
+    assert -0.5 <= float(u.min()) and float(u.max()) < 0.5 and abs(float(u.mean())) < 0.01
 
 
 def test_plan_batching_measured_pinned_or_default(tmp_path, monkeypatch):
@@ -408,9 +427,8 @@ def test_layer_candidates_run_one_pass_of_the_layer_in_a_loop():
                                                (ops.conv_s2, (3, 6, 6, 4), (4, 4, 4, 2), (3, 2, 2, 2))):
         y = ops._timed_layer(op, "taps", "forward", x_shape, kernel_shape, "float32")()
         # What the forward candidate computed is the layer's output on the candidate's inputs.
-        kx, kk, _ = jax.random.split(jax.random.PRNGKey(0), 3)
-        x = jax.random.normal(kx, (g,) + x_shape)
-        kernel = jax.random.normal(kk, kernel_shape) / kernel_shape[0]
+        x = autotune.random_array((g,) + x_shape, 0)
+        kernel = autotune.random_array(kernel_shape, 1) / kernel_shape[0]
         assert y.shape == (g,) + y_shape
         np.testing.assert_allclose(y, op(x, kernel, impl="xla"), rtol=1e-5, atol=1e-5)
         dx, dw = ops._timed_layer(op, "taps", "gradients", x_shape, kernel_shape, "float32")()
