@@ -68,7 +68,8 @@ from planet_jax.config import CONV_IMPLS, MATMUL_DTYPES, conv_impl_pin
 _DN = ("NHWC", "HWIO", "NHWC")
 
 # Forward by matmul + overlap-add instead of the phase conv when the phase conv would do more than
-# this many times the exact multiply-adds (it pads the input by A - 1 on each side): the decoder's
+# this many times the exact multiply-adds (it pads the input by A - 1 on each side; the matmul form
+# does (2A / k)^2 times them, with the zero taps of an odd k): the decoder's
 # 1x1 -> 5x5 and 5 -> 13 layers use the matmul, its 13 -> 30 and 30 -> 64 layers the conv.
 _MAX_PHASE_CONV_WASTE = 2.0
 
@@ -345,12 +346,12 @@ def _forward_phase_conv(x: jax.Array, kernel: jax.Array, dtype: str, impl: str) 
 def _forward_matmul(x: jax.Array, kernel: jax.Array, dtype: str) -> jax.Array:
     k, _, _, c_out = kernel.shape
     b, h, w, _ = x.shape
-    a = (k + 1) // 2
-    # An odd k's kernel gets a leading row and column of zero taps, which S = kernel[::-1, ::-1] puts
-    # last: the matmul then writes every pixel's contributions as 2a x 2a taps, in the (a, 2, a, 2)
-    # order the overlap-add reads, instead of padding its large product afterwards.
-    even = jnp.pad(kernel, ((2 * a - k, 0), (2 * a - k, 0), (0, 0), (0, 0)))
-    cols = dot(x, _scatter_matrix(even), dtype).reshape(b, h, w, a, 2, a, 2, c_out)
+    taps = _phase_taps(kernel)                                  # (A, 2, A, 2, I, O): S, zeros past k
+    a = taps.shape[0]
+    # With S's zero taps past k (odd k) in the matrix, the matmul writes every pixel's contributions
+    # in the (a, 2, a, 2) order the overlap-add reads, instead of its large product being padded after.
+    s = taps.transpose(4, 0, 1, 2, 3, 5).reshape(taps.shape[4], 4 * a * a * c_out)
+    cols = dot(x, s, dtype).reshape(b, h, w, a, 2, a, 2, c_out)
     # Overlap-add: tap (p, q) = (2a + r, 2b + s) of pixel (i, j) lands on phase (r, s) at (i + a, j + b).
     y = sum(jnp.pad(cols[:, :, :, i, :, j], ((0, 0), (i, a - 1 - i), (j, a - 1 - j), (0, 0), (0, 0), (0, 0)))
             for i in range(a) for j in range(a))
