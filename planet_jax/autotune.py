@@ -63,9 +63,10 @@ Builder = Callable[[], Callable[[], Any]]
 Timer = Callable[[str, Builder], float]
 
 
-def random_array(shape: tuple[int, ...], seed: int, uniform: tuple[float, float] | None = None) -> Any:
-    """A float32 jax array of `shape` to time candidates on: standard normal, or uniform on
-    [low, high) for uniform=(low, high); the same for the same seed. Drawn by numpy, since jax.random
+def random_array(shape: tuple[int, ...], seed: int, uniform: tuple[float, float] | None = None,
+                 scale: float = 1.0) -> Any:
+    """A float32 jax array of `shape` to time candidates on: normal with standard deviation `scale`,
+    or uniform between low and high for uniform=(low, high); the same for the same seed. Drawn by numpy, since jax.random
     compiles a program for every new shape, which a first search would pay for each candidate's
     inputs (so would `jnp.asarray`; `jax.device_put` compiles nothing)."""
     import jax
@@ -73,8 +74,9 @@ def random_array(shape: tuple[int, ...], seed: int, uniform: tuple[float, float]
 
     rng = np.random.default_rng(seed)
     if uniform is None:
-        return jax.device_put(rng.standard_normal(shape, dtype=np.float32))
-    return jax.device_put(rng.uniform(*uniform, size=shape).astype(np.float32))
+        return jax.device_put(np.float32(scale) * rng.standard_normal(shape, dtype=np.float32))
+    low, high = uniform
+    return jax.device_put(np.float32(low) + np.float32(high - low) * rng.random(shape, dtype=np.float32))
 
 
 class AutotuneWarning(UserWarning):

@@ -624,12 +624,13 @@ def _timed_layer(op: Callable, impl: str, pass_: str, x_shape: tuple[int, ...], 
     sequences): XLA:CPU runs some convolutions (its strided conv's gradients) far slower inside a
     loop body than alone, so a candidate timed alone could win and then lose."""
     x = autotune.random_array((_LOOP_GROUPS,) + x_shape, 0)
-    kernel = autotune.random_array(kernel_shape, 1) / kernel_shape[0]
+    kernel = autotune.random_array(kernel_shape, 1, scale=1 / kernel_shape[0])
     fn = lambda x, w: op(x, w, None, dtype, impl)
     if pass_ == "forward":
         run = jax.jit(lambda x, w: jax.lax.map(lambda x: fn(x, w), x)).lower(x, kernel).compile()
         return lambda: jax.block_until_ready(run(x, kernel))
-    g = autotune.random_array((_LOOP_GROUPS,) + jax.eval_shape(fn, x[0], kernel).shape, 2)
+    y = jax.eval_shape(fn, jax.ShapeDtypeStruct(x_shape, jnp.float32), kernel)
+    g = autotune.random_array((_LOOP_GROUPS,) + y.shape, 2)
     vjp = lambda x, w, g: jax.vjp(fn, x, w)[1](g)
     grads = jax.jit(lambda x, w, g: jax.lax.map(lambda xg: vjp(xg[0], w, xg[1]), (x, g))).lower(x, kernel, g).compile()
     return lambda: jax.block_until_ready(grads(x, kernel, g))

@@ -25,6 +25,7 @@ from typing import Callable
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from planet_jax import autotune, cem, networks, rssm
 from planet_jax.config import MATMUL_DTYPES, PLAN_BATCHING, ModelConfig, PlannerConfig
@@ -127,8 +128,11 @@ def _timed_plan(model_cfg: ModelConfig, planner_cfg: PlannerConfig, action_dim: 
     mods = networks.modules(model_cfg)
     kt, kr, kk = jax.random.split(jax.random.PRNGKey(0), 3)
     h, s = autotune.random_array((n, model_cfg.h_size), 0), autotune.random_array((n, model_cfg.s_size), 1)
-    params = {"transition": mods["transition"].init(kt, h[0], s[0], jnp.zeros(action_dim))["params"],
-              "reward": mods["reward"].init(kr, jnp.zeros(model_cfg.feature_size))["params"]}
+    # Initialised under jit: flax's init run op by op compiles each initialiser's draw apart.
+    zeros = lambda size: np.zeros(size, np.float32)
+    params = {"transition": jax.jit(mods["transition"].init)(kt, zeros(model_cfg.h_size), zeros(model_cfg.s_size),
+                                                             zeros(action_dim))["params"],
+              "reward": jax.jit(mods["reward"].init)(kr, zeros(model_cfg.feature_size))["params"]}
     cfg = dataclasses.replace(planner_cfg, batching=batching)
     plan = jax.jit(functools.partial(_plan, model_cfg=model_cfg, planner_cfg=cfg, action_dim=action_dim))
     state, keys = rssm.RSSMState(h, s), jax.random.split(kk, n)

@@ -363,6 +363,7 @@ def test_candidate_inputs_are_seeded_draws_that_compile_nothing():
         compiles.clear()
         x = autotune.random_array((40, 30, 17), 5)  # a shape nothing here has drawn before
         u = autotune.random_array((20000,), 6, uniform=(-0.5, 0.5))
+        half = autotune.random_array((40, 30, 17), 5, scale=0.5)
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
     assert not compiles
@@ -370,7 +371,9 @@ def test_candidate_inputs_are_seeded_draws_that_compile_nothing():
     np.testing.assert_array_equal(x, autotune.random_array((40, 30, 17), 5))
     assert not np.array_equal(x, autotune.random_array((40, 30, 17), 7))
     assert abs(float(x.mean())) < 0.03 and abs(float(x.std()) - 1) < 0.03
-    assert -0.5 <= float(u.min()) and float(u.max()) < 0.5 and abs(float(u.mean())) < 0.01
+    np.testing.assert_allclose(half, 0.5 * x, rtol=1e-6)
+    assert -0.5 <= float(u.min()) and float(u.max()) <= 0.5 and abs(float(u.mean())) < 0.01
+    assert abs(float(u.std()) - 1 / 12 ** 0.5) < 0.01
 
 
 def test_plan_batching_measured_pinned_or_default(tmp_path, monkeypatch):
@@ -428,7 +431,7 @@ def test_layer_candidates_run_one_pass_of_the_layer_in_a_loop():
         y = ops._timed_layer(op, "taps", "forward", x_shape, kernel_shape, "float32")()
         # What the forward candidate computed is the layer's output on the candidate's inputs.
         x = autotune.random_array((g,) + x_shape, 0)
-        kernel = autotune.random_array(kernel_shape, 1) / kernel_shape[0]
+        kernel = autotune.random_array(kernel_shape, 1, scale=1 / kernel_shape[0])
         assert y.shape == (g,) + y_shape
         np.testing.assert_allclose(y, op(x, kernel, impl="xla"), rtol=1e-5, atol=1e-5)
         dx, dw = ops._timed_layer(op, "taps", "gradients", x_shape, kernel_shape, "float32")()
