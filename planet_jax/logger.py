@@ -108,7 +108,8 @@ class Progress:
             self._clock_from_trained = True
         if self._updates is not None:
             self._updates.close()
-        desc = "compiling the train step (minutes on a first run), then training" if compiling else "training"
+        desc = ("compiling the train step (minutes if its speed choices are not yet measured here), then training"
+                if compiling else "training")
         self._updates = self._bar(total=count, unit="update", position=1, leave=False, desc=desc)
 
     def updated(self, metrics: dict[str, Any]) -> None:
