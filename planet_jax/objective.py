@@ -164,7 +164,7 @@ def _timed_groups(cfg: ModelConfig, group: int, groups: int, length: int,
     head = autotune.random_array((groups, group * length, 5, 5, 4 * cfg.cnn_depth), 1)
     params = params()
 
-    def loss(p, head):
+    def loss(p, head, o):  # o an argument: closed over, it would be a constant inside the program
         def one(xs):
             o, head = xs
             e = networks.encode(p, cfg, o)
@@ -172,8 +172,8 @@ def _timed_groups(cfg: ModelConfig, group: int, groups: int, length: int,
         return jnp.sum(jax.lax.map(one, (o, head)))
 
     with ops.conv_impl_scope(cfg.conv_impl, auto="default"):
-        grads = jax.jit(jax.grad(loss, (0, 1))).lower(params, head).compile()
-    return lambda: jax.block_until_ready(grads(params, head))
+        grads = jax.jit(jax.grad(loss, (0, 1))).lower(params, head, o).compile()
+    return lambda: jax.block_until_ready(grads(params, head, o))
 
 
 def _by_groups(fn, xs, cfg: ModelConfig):

@@ -353,6 +353,29 @@ def test_image_group_candidate_is_the_loss_image_work_over_groups():
         np.testing.assert_allclose(got, g, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(g))), err_msg=str(path))
 
 
+def test_image_group_candidate_takes_its_frames_as_an_argument(monkeypatch):
+    # Closed over, the frames would be a constant of the program: as large as they are, in every
+    # candidate, and in jax's compilation cache.
+    cfg = tiny_model()
+    params = objective._image_params(cfg)
+    lowered, jit = [], jax.jit
+
+    def spy(fn, *args, **kwargs):
+        jitted = jit(fn, *args, **kwargs)
+
+        class Spy:
+            def lower(self, *a):
+                lowered.append(jitted.lower(*a))
+                return lowered[-1]
+        return Spy()
+
+    monkeypatch.setattr(jax, "jit", spy)
+    objective._timed_groups(cfg, 1, 3, 2, lambda: params)
+    frames_bytes = 3 * 2 * 64 * 64 * 3 * 4
+    (text,) = [low.as_text() for low in lowered]
+    assert len(text) < frames_bytes, len(text)
+
+
 def test_candidate_inputs_are_seeded_draws_that_compile_nothing():
     compiles = []
     listen = lambda event, duration, **kwargs: compiles.append(event) if "backend_compile" in event else None
