@@ -370,10 +370,11 @@ def test_image_group_candidate_takes_its_frames_as_an_argument(monkeypatch):
         return Spy()
 
     monkeypatch.setattr(jax, "jit", spy)
-    objective._timed_groups(cfg, 1, 3, 2, lambda: params)
-    frames_bytes = 3 * 2 * 64 * 64 * 3 * 4
+    objective._timed_groups(cfg, 1, 3, 8, lambda: params)
+    frames_bytes = 3 * 8 * 64 * 64 * 3 * 4
     (text,) = [low.as_text() for low in lowered]
     assert len(text) < frames_bytes, len(text)
+    assert (3, 8, 64, 64, 3) in [a.shape for a in jax.tree.leaves(lowered[0].args_info)]
 
 
 def test_candidate_inputs_are_seeded_draws_that_compile_nothing():
