@@ -66,9 +66,9 @@ Timer = Callable[[str, Builder], float]
 def random_array(shape: tuple[int, ...], seed: int, uniform: tuple[float, float] | None = None,
                  scale: float = 1.0) -> Any:
     """A float32 jax array of `shape` to time candidates on: normal with standard deviation `scale`,
-    or uniform between low and high for uniform=(low, high); the same for the same seed. Drawn by numpy, since jax.random
-    compiles a program for every new shape, which a first search would pay for each candidate's
-    inputs (so would `jnp.asarray`; `jax.device_put` compiles nothing)."""
+    or uniform between low and high for uniform=(low, high); the same for the same seed. Drawn by
+    numpy, since jax.random compiles a program for every new shape, which a first search would pay
+    for each candidate's inputs (so would `jnp.asarray`; `jax.device_put` compiles nothing)."""
     import jax
     import numpy as np
 

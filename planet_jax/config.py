@@ -186,8 +186,7 @@ class Config:
         hold together (planner.top_k above planner.candidates, D above L)."""
         _check_types(self)
         m, lo, o, p, t = self.model, self.loss, self.optim, self.planner, self.train
-        if m.kind not in MODEL_KINDS:
-            raise ValueError(f"model.kind must be one of {', '.join(MODEL_KINDS)}, got {m.kind!r}")
+        check_choice("model.kind", m.kind, MODEL_KINDS)
         positive = {
             "model.h_size": m.h_size, "model.s_size": m.s_size, "model.hidden": m.hidden,
             "model.cnn_depth": m.cnn_depth, "model.reward_hidden": m.reward_hidden,
@@ -209,18 +208,13 @@ class Config:
             raise ValueError(f"model.bit_depth must be in 1..8, got {m.bit_depth}")
         if m.image_group < 0:
             raise ValueError(f"model.image_group must be >= 0, got {m.image_group}")
-        if m.conv_dtype not in MATMUL_DTYPES:
-            raise ValueError(f"model.conv_dtype must be one of {', '.join(MATMUL_DTYPES)}, got {m.conv_dtype!r}")
+        check_choice("model.conv_dtype", m.conv_dtype, MATMUL_DTYPES)
         pins = _conv_impl_pins(m.conv_impl)
         if isinstance(pins, dict) and (unknown := sorted(set(pins) - set(CONV_LAYERS))):
             raise ValueError(f"model.conv_impl names no layer {', '.join(unknown)}: the stride-2 layers are "
                              f"{', '.join(CONV_LAYERS)}")
-        if p.batching not in _CHOICE_WORDS + PLAN_BATCHING:
-            raise ValueError(f"planner.batching must be one of {', '.join(_CHOICE_WORDS + PLAN_BATCHING)}, "
-                             f"got {p.batching!r}")
-        if p.matmul_dtype not in MATMUL_DTYPES:
-            raise ValueError(f"planner.matmul_dtype must be one of {', '.join(MATMUL_DTYPES)}, "
-                             f"got {p.matmul_dtype!r}")
+        check_choice("planner.batching", p.batching, _CHOICE_WORDS + PLAN_BATCHING)
+        check_choice("planner.matmul_dtype", p.matmul_dtype, MATMUL_DTYPES)
         if m.conv_dtype != "float32" and not m.fast_conv:
             raise ValueError("model.conv_dtype=bfloat16 needs model.fast_conv=true")
         if p.top_k > p.candidates:
@@ -338,6 +332,13 @@ def cpu() -> Config:
 
 
 PRESETS = {"paper": paper, "tiny": tiny, "cpu": cpu}
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
+    """`value` if it is one of `choices`; otherwise ValueError (one line) naming the setting `name`."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
 
 
 def _parse_value(text: str, current: Any) -> Any:

@@ -63,7 +63,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from planet_jax import autotune
-from planet_jax.config import CONV_IMPLS, MATMUL_DTYPES, conv_impl_pin
+from planet_jax.config import CONV_IMPLS, MATMUL_DTYPES, check_choice, conv_impl_pin
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
@@ -273,9 +273,7 @@ def _space_to_depth(y: jax.Array) -> jax.Array:
 
 def check_dtype(dtype: str) -> str:
     """`dtype` if `dot` takes it (config.MATMUL_DTYPES); ValueError (one line) otherwise."""
-    if dtype not in MATMUL_DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(MATMUL_DTYPES)}, got {dtype!r}")
-    return dtype
+    return check_choice("dtype", dtype, MATMUL_DTYPES)
 
 
 def _passes_pin(pin: str) -> tuple[str, str]:
@@ -344,13 +342,13 @@ def _forward_phase_conv(x: jax.Array, kernel: jax.Array, dtype: str, impl: str) 
 
 
 def _forward_matmul(x: jax.Array, kernel: jax.Array, dtype: str) -> jax.Array:
-    k, _, _, c_out = kernel.shape
+    k, _, c_in, c_out = kernel.shape
     b, h, w, _ = x.shape
     taps = _phase_taps(kernel)                                  # (A, 2, A, 2, I, O): S, zeros past k
     a = taps.shape[0]
     # With S's zero taps past k (odd k) in the matrix, the matmul writes every pixel's contributions
     # in the (a, 2, a, 2) order the overlap-add reads, instead of its large product being padded after.
-    s = taps.transpose(4, 0, 1, 2, 3, 5).reshape(taps.shape[4], 4 * a * a * c_out)
+    s = taps.transpose(4, 0, 1, 2, 3, 5).reshape(c_in, 4 * a * a * c_out)
     cols = dot(x, s, dtype).reshape(b, h, w, a, 2, a, 2, c_out)
     # Overlap-add: tap (p, q) = (2a + r, 2b + s) of pixel (i, j) lands on phase (r, s) at (i + a, j + b).
     y = sum(jnp.pad(cols[:, :, :, i, :, j], ((0, 0), (i, a - 1 - i), (j, a - 1 - j), (0, 0), (0, 0), (0, 0)))

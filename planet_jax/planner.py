@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from planet_jax import autotune, cem, networks, rssm
-from planet_jax.config import MATMUL_DTYPES, PLAN_BATCHING, ModelConfig, PlannerConfig
+from planet_jax.config import MATMUL_DTYPES, PLAN_BATCHING, ModelConfig, PlannerConfig, check_choice
 from planet_jax.networks import Params
 
 ACTION_LOW, ACTION_HIGH = -1.0, 1.0
@@ -152,9 +152,7 @@ def make_planner(model_cfg: ModelConfig, planner_cfg: PlannerConfig, action_dim:
     Matmul operands are planner_cfg.matmul_dtype (`networks.dense_operands`).
     Raises ValueError (one line) for a matmul_dtype not in config.MATMUL_DTYPES.
     """
-    if planner_cfg.matmul_dtype not in MATMUL_DTYPES:
-        raise ValueError(f"planner.matmul_dtype must be one of {', '.join(MATMUL_DTYPES)}, "
-                         f"got {planner_cfg.matmul_dtype!r}")
+    check_choice("planner.matmul_dtype", planner_cfg.matmul_dtype, MATMUL_DTYPES)
     plan = functools.partial(_plan, model_cfg=model_cfg, planner_cfg=planner_cfg,
                              action_dim=action_dim)
     return jax.jit(plan)
