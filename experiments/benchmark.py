@@ -365,7 +365,7 @@ def speed_table(records: list[dict], command: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.benchmark", description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(prog="python -m experiments.benchmark", description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="+", choices=sorted(MEASUREMENTS) + sorted(GROUPS),
                         default=list(MEASUREMENTS), metavar="NAME",
                         help=f"measurements ({', '.join(MEASUREMENTS)}) or sets of them ({', '.join(GROUPS)}: "

@@ -1,6 +1,7 @@
 """Shared command-line handling: bad input becomes one line on stderr and exit code 2."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import sys
@@ -16,6 +17,14 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 warnings.formatwarning = _one_line_warning
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose own errors (an unknown flag, a bad choice or number) are one line on
+    stderr with exit code 2, like the library's (`usage_errors`), instead of the usage block first."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 @contextlib.contextmanager

@@ -8,18 +8,18 @@ Prints the largest relative gradient difference and the median seconds of each, 
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 
+from experiments import cli
 from planet_jax import config, ops
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=("paper", "cpu"), default="paper")
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args(argv)

@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 
@@ -12,7 +11,7 @@ from experiments import cli
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.evaluate", description="Run test episodes with a run's last checkpoint.")
+    parser = cli.ArgumentParser(prog="python -m experiments.evaluate", description="Run test episodes with a run's last checkpoint.")
     parser.add_argument("--logdir", required=True, help="run folder written by experiments.train")
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--seed", type=int, default=12345, help="seed of the test environments")

@@ -10,7 +10,6 @@ planet_jax.model_check.
 """
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 
@@ -18,7 +17,7 @@ from experiments import cli
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.model_check",
+    parser = cli.ArgumentParser(prog="python -m experiments.model_check",
                                      description="Model-predicted against true rewards for probe action sequences.")
     parser.add_argument("--logdir", required=True, help="run folder written by experiments.train")
     parser.add_argument("--starts", type=int, default=4, help="episode starts to check")

@@ -11,12 +11,12 @@ reward, KL) against episodes. The PNG goes to --out, by default curves.png in th
 """
 from __future__ import annotations
 
-import argparse
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
+from experiments import cli
 from planet_jax import logger, rundir
 
 LOSS_TERMS = ("image_loss", "reward_loss", "kl_loss")
@@ -102,7 +102,7 @@ def plot(groups: dict[str, list[list[dict]]], out: Path, random_return: float | 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.plot", description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(prog="python -m experiments.plot", description=__doc__.split("\n")[0])
     parser.add_argument("--logdir", nargs="+", required=True, type=Path, help="run folders")
     parser.add_argument("--out", type=Path, help="PNG path (default: curves.png in the first run folder)")
     parser.add_argument("--random-return", type=float, help="draw the random-action return as a line")

@@ -12,7 +12,6 @@ in-process environment or N worker processes. Prints one JSON line per measureme
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -88,7 +87,7 @@ def _collect(args, num_envs: int) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.scaling", description=__doc__.splitlines()[0])
+    parser = cli.ArgumentParser(prog="python -m experiments.scaling", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train-step throughput over 1..n devices")
     train.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4])

@@ -13,14 +13,13 @@ planet_jax.loop; this file only parses flags.
 """
 from __future__ import annotations
 
-import argparse
 
 from experiments import cli
 from planet_jax import config
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.train", description="Train PlaNet from pixels (Algorithm 1 of the paper).")
+    parser = cli.ArgumentParser(prog="python -m experiments.train", description="Train PlaNet from pixels (Algorithm 1 of the paper).")
     parser.add_argument("--env", default="walker_walk",
                         help="Control Suite domain_task (walker_walk, cup_catch) or gym:<id> (gym:Pendulum-v1)")
     parser.add_argument("--logdir", default=None, help="run folder (default runs/<env>/<seed>)")

@@ -151,6 +151,17 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys):
     assert "cannot be read" in err
 
 
+@pytest.mark.parametrize("main, argv, message", [
+    (train_cli.main, ["--preset", "cpuu"], "argument --preset: invalid choice: 'cpuu'"),
+    (train_cli.main, ["--episodes", "many"], "argument --episodes: invalid int value: 'many'"),
+    (train_cli.main, ["--envv", ENV], "unrecognized arguments: --envv"),
+    (evaluate_cli.main, [], "the following arguments are required: --logdir"),
+])
+def test_argparse_errors_are_one_line(main, argv, message, capsys):
+    (line,) = _usage_error(main, argv, capsys).splitlines()  # no usage block before it
+    assert line.startswith(f"python -m {main.__module__}: error: {message}") and line.endswith("(see --help)"), line
+
+
 def test_evaluate_usage_errors(tmp_path, capsys):
     assert "not a planet_jax run folder" in _usage_error(
         evaluate_cli.main, ["--logdir", str(tmp_path), "--episodes", "1"], capsys)
