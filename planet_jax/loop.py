@@ -364,6 +364,11 @@ def train(cfg: config.Config, env: str | Callable, logdir: str | Path, seed: int
         state = load_state(run)
         run.clock = (time.time(), state.wall_time)
         show = progress and run.log is not None
+        if state.episodes >= tc.episodes:
+            if run.log is not None:
+                print(f"{logdir} already holds {state.episodes} episodes (train.episodes is {tc.episodes}): "
+                      "nothing to train; a larger --episodes continues the run")
+            return record
         if show:
             announce_cpu_cost(run.cfg)
         with logger.Progress(tc.episodes, state.episodes, tc.seed_episodes, show) as bar:

@@ -46,6 +46,10 @@ def test_train_resume_stop_and_evaluate(tmp_path):
     assert (logdir / "videos" / "test_000003.mp4").stat().st_size > 0
     assert (logdir / "videos" / "openloop_000003.mp4").stat().st_size > 0
     assert list((logdir / "tensorboard").glob("events.out.tfevents.*"))
+    # The same command again finds the run complete, says so, and writes nothing.
+    again = _run("experiments.train", *base, "--episodes", "3")
+    assert again.returncode == 0, again.stderr
+    assert "already holds 3 episodes" in again.stdout and _records(logdir) == records
 
     # A corrupt episode file is skipped with a one-line warning; the run goes on.
     (logdir / "episodes" / "episode_000050_14.npz").write_bytes(b"PK\x03\x04 truncated")
