@@ -29,6 +29,8 @@ memory only, never results beyond float32 rounding.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import contextvars
 import dataclasses
 import json
 import math
@@ -37,7 +39,7 @@ import platform
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ContextManager, Mapping
 
 try:
     import fcntl
@@ -61,6 +63,21 @@ SLOW_WARM_UP = 3.0
 Builder = Callable[[], Callable[[], Any]]
 # A timer gets the candidate's name and builder and returns its time per call in seconds.
 Timer = Callable[[str, Builder], float]
+# Told what is about to be measured (op, shape key); the context it returns is open while it is.
+Reporter = Callable[[str, str], ContextManager]
+_REPORTER: contextvars.ContextVar[Reporter | None] = contextvars.ContextVar("autotune_reporter", default=None)
+
+
+@contextlib.contextmanager
+def reporting(reporter: Reporter):
+    """Within this block, every measurement that `Tuner.choose` makes (not a choice read from the
+    cache) runs inside `reporter(op, key)`: how a progress display says why a first run's compile
+    takes minutes."""
+    token = _REPORTER.set(reporter)
+    try:
+        yield
+    finally:
+        _REPORTER.reset(token)
 
 
 def random_array(shape: tuple[int, ...], seed: int, uniform: tuple[float, float] | None = None,
@@ -192,7 +209,9 @@ class Tuner:
         if cached:
             seconds = {n: float(stored[n]) for n in names}
         else:
-            with concurrent.futures.ThreadPoolExecutor(1) as pool:  # outside any jax trace
+            reporter = _REPORTER.get()
+            with reporter(op, key) if reporter else contextlib.nullcontext(), \
+                    concurrent.futures.ThreadPoolExecutor(1) as pool:  # outside any jax trace
                 seconds = pool.submit(lambda: {n: float(self.timer(n, candidates[n])) for n in names}).result()
         total = {n: seconds[n] * (calls or {}).get(n, 1.0) for n in names}
         fastest = min(names, key=lambda n: (total[n], n != default))

@@ -1,6 +1,7 @@
 """What a run leaves behind: metrics.jsonl, TensorBoard scalars, and videos."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import warnings
@@ -77,7 +78,9 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int = 20) -> Path:
 class Progress:
     """What a user watching a run sees: a bar over episodes whose time estimate comes from trained
     rounds only (seed episodes are far quicker), and a bar over the updates of the round in
-    progress with its loss and seconds per update. A context manager; shows nothing when disabled.
+    progress with its loss and seconds per update; neither estimate counts the first update's
+    compile, and while a speed choice is measured (`autotune.reporting`) the bar says which. A
+    context manager; shows nothing when disabled.
 
     Args:
       total: episodes the run will reach (train.episodes).
@@ -93,21 +96,26 @@ class Progress:
         self._episodes = self._bar(total=total, initial=min(done, total), unit="ep", position=0)
         self._clock_from_trained = done >= seed_episodes
         self._updates = None
+        self._compiling = False
 
     def _bar(self, **kwargs):
         return self._tqdm(disable=not self._enabled, dynamic_ncols=True, **kwargs)
+
+    def _restart_episode_clock(self) -> None:
+        done = self._episodes.n
+        self._episodes.close()
+        self._episodes = self._bar(total=self._total, initial=done, unit="ep", position=0)
 
     def start_updates(self, count: int, compiling: bool = False) -> None:
         """A round of `count` updates begins (`compiling`: its first update compiles the train step).
         The first round restarts the episode bar's clock, so that its estimate of the time left
         comes from trained rounds alone."""
         if not self._clock_from_trained:
-            done = self._episodes.n
-            self._episodes.close()
-            self._episodes = self._bar(total=self._total, initial=done, unit="ep", position=0)
+            self._restart_episode_clock()
             self._clock_from_trained = True
         if self._updates is not None:
             self._updates.close()
+        self._compiling = compiling
         desc = ("compiling the train step (minutes if its speed choices are not yet measured here), then training"
                 if compiling else "training")
         self._updates = self._bar(total=count, unit="update", position=1, leave=False, desc=desc)
@@ -119,10 +127,27 @@ class Progress:
         if bar is None or bar.disable:
             return
         bar.update(1)
-        if bar.n == 1:
-            bar.set_description("training")
+        if self._compiling:
+            # Both clocks restart after the compile (a minute or more on a first run), which would
+            # otherwise stay in their estimates of the time left.
+            self._compiling = False
+            bar.close()
+            self._updates = bar = self._bar(total=bar.total, initial=1, unit="update", position=1, leave=False,
+                                            desc="training")
+            self._restart_episode_clock()
         if bar.n % 10 == 0 or bar.n == bar.total:
             bar.set_postfix(loss=f"{float(metrics['loss']):.1f}")
+
+    @contextlib.contextmanager
+    def measuring(self, op: str, key: str):
+        """An `autotune.Reporter`: the bar in front says which speed choice is being measured."""
+        bar = self._updates if self._updates is not None else self._episodes
+        desc = bar.desc
+        bar.set_description(f"measuring speed choices (once per machine): {op} {key}")
+        try:
+            yield
+        finally:
+            bar.set_description_str(desc)
 
     def finished_round(self, record: dict[str, Any]) -> None:
         """A round was logged: advance the episode bar to record['episode']."""

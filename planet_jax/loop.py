@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from planet_jax import (agent, checkpoint, config, envs, learner, logger, parallel, replay, rollout,
+from planet_jax import (agent, autotune, checkpoint, config, envs, learner, logger, parallel, replay, rollout,
                         rundir, runtime)
 from planet_jax.rundir import RunError
 
@@ -371,7 +371,8 @@ def train(cfg: config.Config, env: str | Callable, logdir: str | Path, seed: int
             return record
         if show:
             announce_cpu_cost(run.cfg)
-        with logger.Progress(tc.episodes, state.episodes, tc.seed_episodes, show) as bar:
+        with logger.Progress(tc.episodes, state.episodes, tc.seed_episodes, show) as bar, \
+                autotune.reporting(bar.measuring):
             while state.episodes < tc.episodes and not stop:
                 state, result = run_round(run, state, stop, bar)
                 if result is None:

@@ -1,6 +1,7 @@
 """Measured choices: the cache (write, read, corrupt, per machine), pins, the off switch, and the
 three users (conv layers, image groups, the planner's batching). Timers are fakes, so no test
 depends on how fast anything runs."""
+import contextlib
 import json
 import subprocess
 import sys
@@ -51,6 +52,28 @@ def test_measures_once_writes_the_cache_and_reads_it_back(tmp_path):
     assert tuner(tmp_path, other).choose("op", "shape 2", CANDIDATES, "c") == "a"
     assert tuner(tmp_path, other, machine="another").choose("op", "shape 1", CANDIDATES, "c") == "a"
     assert autotune.choices(tuner(tmp_path, never_timed))["op"].keys() == {"shape 1", "shape 2"}
+
+
+def test_a_reporter_hears_of_each_measurement_while_it_runs_and_not_of_cached_choices(tmp_path):
+    heard, open_ = [], []
+
+    @contextlib.contextmanager
+    def reporter(op, key):
+        heard.append((op, key))
+        open_.append(True)
+        yield
+        open_.pop()
+
+    def timer(name, build):
+        assert open_, "timed outside the reporter's context"
+        return {"a": 3.0, "b": 1.0, "c": 2.0}[name]
+
+    with autotune.reporting(reporter):
+        assert tuner(tmp_path, timer).choose("op", "shape 1", CANDIDATES, "a") == "b"
+        assert tuner(tmp_path, never_timed).choose("op", "shape 1", CANDIDATES, "a") == "b"  # cached
+        assert tuner(tmp_path, never_timed).choose("op", "shape 2", CANDIDATES, "a", pin="c") == "c"
+    assert tuner(tmp_path, FakeTimer({"a": 3.0, "b": 1.0, "c": 2.0})).choose("op", "shape 3", CANDIDATES, "a") == "b"
+    assert heard == [("op", "shape 1")] and not open_  # nothing heard outside the block
 
 
 def test_a_choice_cached_before_a_candidate_existed_is_measured_again(tmp_path):

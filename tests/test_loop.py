@@ -2,6 +2,7 @@
 uninterrupted one."""
 import dataclasses
 import json
+import time
 import warnings
 from pathlib import Path
 
@@ -133,3 +134,28 @@ def test_a_run_folder_written_before_the_loop_state_still_resumes(tmp_path):
     assert (record["episode"], record["updates"]) == (4, 10)
     assert record["env_steps"] == json.loads(stored[-1])["env_steps"] + 100
     assert replay.Replay(logdir / "episodes", 0).load() == 4
+
+
+def test_progress_clocks_leave_out_the_compile_and_name_what_is_measured(capsys):
+    with logger.Progress(total=4, done=1, seed_episodes=1) as progress:
+        progress.start_updates(3, compiling=True)
+        assert progress._updates.desc.startswith("compiling the train step")
+        with progress.measuring("ops.conv_s2", "x2x31x31x16 k4 o32 float32 forward"):
+            assert progress._updates.desc == ("measuring speed choices (once per machine): "
+                                              "ops.conv_s2 x2x31x31x16 k4 o32 float32 forward: ")
+            time.sleep(0.3)  # the search and the compile
+        assert progress._updates.desc.startswith("compiling the train step")
+        progress.updated({"loss": 1.0})
+        # The rates count from the end of the first update: the compile is not in the time left.
+        for bar in (progress._updates, progress._episodes):
+            meter = bar.format_dict
+            assert meter["elapsed"] < 0.2, meter
+        assert progress._updates.format_dict["initial"] == progress._updates.n == 1
+        assert progress._episodes.n == 1 and progress._updates.desc == "training"
+        progress.updated({"loss": 1.0})
+        assert progress._updates.n == 2 and progress._updates.format_dict["initial"] == 1  # restarted once
+        # Between rounds (the planner's choice is measured while collecting) the episode bar says it.
+        progress.finished_round({"episode": 2, "train_return": 0.0})
+        with progress.measuring("planner.batching", "key"):
+            assert "planner.batching" in progress._episodes.desc
+        assert "planner.batching" not in progress._episodes.desc
