@@ -57,12 +57,18 @@ MIN_SEARCH_GFLOP = 0.05
 
 # A candidate whose warm-up call takes this many timing budgets is not called again (`time_candidate`).
 SLOW_WARM_UP = 3.0
+# Nor is one whose warm-up call takes FAR_BEHIND times the fastest time so far, and at least
+# FAR_BEHIND_MIN_S: it cannot come within the margins `Tuner.choose` asks for.
+FAR_BEHIND = 5.0
+FAR_BEHIND_MIN_S = 0.1
 
 # A candidate builder compiles the candidate and returns a zero-argument callable that runs it once,
 # on concrete inputs, and blocks until it is done (a first call that compiled would be timed too).
 Builder = Callable[[], Callable[[], Any]]
-# A timer gets the candidate's name and builder and returns its time per call in seconds.
-Timer = Callable[[str, Builder], float]
+# A timer gets the candidate's name, its builder and the fastest time per call measured so far among
+# the other candidates (in the candidate's own calls; inf for the first), and returns its time per
+# call in seconds.
+Timer = Callable[[str, Builder, float], float]
 # Told what is about to be measured (op, shape key); the context it returns is open while it is.
 Reporter = Callable[[str, str], ContextManager]
 _REPORTER: contextvars.ContextVar[Reporter | None] = contextvars.ContextVar("autotune_reporter", default=None)
@@ -144,20 +150,22 @@ def machine_id() -> str:
     return f"{device} jax {jax.__version__}"
 
 
-def time_candidate(name: str, build: Builder, budget_s: float = 1.0, reps: int = 5) -> float:
+def time_candidate(name: str, build: Builder, fastest: float = math.inf, budget_s: float = 1.0,
+                   reps: int = 5) -> float:
     """Seconds per call of a candidate: built (compiled) and called once (warm-up), then the minimum
     over up to `reps` timed calls, stopping once `budget_s` is spent. The minimum, since on a shared
     machine other work only ever adds time. A warm-up call that alone takes more than
-    `SLOW_WARM_UP` times `budget_s` is the measurement: such candidates (XLA:CPU's strided-conv
-    gradients, seconds per call where the reformulations take tens of milliseconds) cost a first
-    run minutes if called again, and are too far behind for a first call's extra cost (page faults)
-    to matter, which it would for candidates near the budget."""
+    `SLOW_WARM_UP` times `budget_s`, or more than FAR_BEHIND times `fastest` (the best of the
+    candidates timed before it) and FAR_BEHIND_MIN_S, is the measurement: such candidates (XLA:CPU's
+    strided-conv gradients, 0.1 to seconds per call where the reformulations take milliseconds)
+    cost a first run minutes if called again, and are too far behind for a first call's extra cost
+    (page faults) to matter, which it would for candidates near the budget or the fastest."""
     del name
     run = build()
     t0 = time.perf_counter()
     run()
     warm_up = time.perf_counter() - t0
-    if warm_up > SLOW_WARM_UP * budget_s:
+    if warm_up > SLOW_WARM_UP * budget_s or warm_up > max(FAR_BEHIND * fastest, FAR_BEHIND_MIN_S):
         return warm_up
     times: list[float] = []
     start = time.perf_counter()
@@ -206,14 +214,15 @@ class Tuner:
         # Cached timings are decided again under today's rule (min_gain, calls); a shape timed before
         # a candidate existed (one missing from its timings) is measured again.
         cached = isinstance(stored, dict) and set(names) <= set(stored) and all(_is_timing(stored[n]) for n in names)
+        calls = {n: (calls or {}).get(n, 1.0) for n in names}
         if cached:
             seconds = {n: float(stored[n]) for n in names}
         else:
             reporter = _REPORTER.get()
             with reporter(op, key) if reporter else contextlib.nullcontext(), \
                     concurrent.futures.ThreadPoolExecutor(1) as pool:  # outside any jax trace
-                seconds = pool.submit(lambda: {n: float(self.timer(n, candidates[n])) for n in names}).result()
-        total = {n: seconds[n] * (calls or {}).get(n, 1.0) for n in names}
+                seconds = pool.submit(self._measure, candidates, calls).result()
+        total = {n: seconds[n] * calls[n] for n in names}
         fastest = min(names, key=lambda n: (total[n], n != default))
         choice = fastest if total[fastest] <= (1 - min_gain) * total[default] else default
         if not cached:
@@ -221,6 +230,15 @@ class Tuner:
         elif entry.get("choice") != choice:  # so that reports (`choices`) show what is used
             self._write(op, key, {**entry, "choice": choice}, quiet=True)
         return choice
+
+    def _measure(self, candidates: Mapping[str, Builder], calls: Mapping[str, float]) -> dict[str, float]:
+        """Each candidate's seconds per call, timed one after another; each timer call is told the
+        fastest so far, in the candidate's own calls (the op's time over its number of calls)."""
+        seconds: dict[str, float] = {}
+        for name, build in candidates.items():
+            fastest = min((seconds[m] * calls[m] for m in seconds), default=math.inf) / calls[name]
+            seconds[name] = float(self.timer(name, build, fastest))
+        return seconds
 
     def _read(self) -> dict:
         try:

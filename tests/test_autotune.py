@@ -23,12 +23,12 @@ class FakeTimer:
     def __init__(self, seconds):
         self.seconds, self.timed = seconds, []
 
-    def __call__(self, name, build):
+    def __call__(self, name, build, fastest):
         self.timed.append(name)
         return self.seconds[name]
 
 
-def never_timed(name, build):
+def never_timed(name, build, fastest):
     raise AssertionError(f"{name} was timed")
 
 
@@ -64,7 +64,7 @@ def test_a_reporter_hears_of_each_measurement_while_it_runs_and_not_of_cached_ch
         yield
         open_.pop()
 
-    def timer(name, build):
+    def timer(name, build, fastest):
         assert open_, "timed outside the reporter's context"
         return {"a": 3.0, "b": 1.0, "c": 2.0}[name]
 
@@ -109,6 +109,28 @@ def test_a_candidate_slower_than_the_budget_in_its_warm_up_call_is_not_called_ag
     calls.clear()
     assert 0.001 <= autotune.time_candidate("fast", build(0.001), budget_s=10.0, reps=3) < 0.05
     assert calls == [0.001] * 4  # warm-up, then `reps` timed calls within the budget
+    calls.clear()
+    # Far behind the fastest candidate so far (5 times it, and at least 0.1 s): the warm-up only.
+    assert autotune.time_candidate("behind", build(0.12), fastest=0.02, budget_s=10.0, reps=3) >= 0.12
+    assert calls == [0.12]
+    calls.clear()
+    assert autotune.time_candidate("close", build(0.12), fastest=0.03, budget_s=10.0, reps=2) >= 0.12
+    assert calls == [0.12] * 3
+    calls.clear()
+    assert autotune.time_candidate("small", build(0.05), fastest=0.001, budget_s=10.0, reps=2) >= 0.05
+    assert calls == [0.05] * 3  # under 0.1 s, timed as usual whatever the fastest
+
+
+def test_each_candidate_is_told_the_fastest_so_far_in_its_own_calls(tmp_path):
+    told = {}
+
+    def timer(name, build, fastest):
+        told[name] = fastest
+        return {"a": 2.0, "b": 1.0, "c": 3.0}[name]
+
+    calls = {"a": 1, "b": 2, "c": 4}  # the op's time: a 2 s, b 2 s, c 12 s
+    assert tuner(tmp_path, timer).choose("op", "s", CANDIDATES, "a", calls=calls) == "a"
+    assert told == {"a": float("inf"), "b": 2.0 / 2, "c": 2.0 / 4}
 
 
 def test_ties_go_to_the_default_and_calls_weigh_the_times(tmp_path):
@@ -165,7 +187,7 @@ def test_a_changed_choice_that_cannot_be_written_back_is_still_taken_without_a_w
 
 def test_processes_writing_at_once_keep_each_others_entries(tmp_path):
     script = (f"import sys; from planet_jax import autotune; from pathlib import Path\n"
-              f"t = autotune.Tuner(Path({str(tmp_path / 'cache' / 'autotune.json')!r}), True, lambda n, b: 1.0, 'm')\n"
+              f"t = autotune.Tuner(Path({str(tmp_path / 'cache' / 'autotune.json')!r}), True, lambda n, b, f: 1.0, 'm')\n"
               f"for i in range(30): t.choose('op', f'{{sys.argv[1]}} {{i}}', {{'a': None}}, 'a')\n")
     workers = [subprocess.Popen([sys.executable, "-c", script, str(w)]) for w in range(4)]
     assert [w.wait(timeout=120) for w in workers] == [0] * 4
@@ -225,7 +247,7 @@ def test_measuring_while_jax_traces_runs_the_candidates_for_real(tmp_path):
         f = jax.jit(lambda x: x * 2.0)
         return lambda: ran.append((name, float(f(jnp.float32(1.0)))))
 
-    t = tuner(tmp_path, lambda name, b: autotune.time_candidate(name, b, budget_s=0.0, reps=1))
+    t = tuner(tmp_path, lambda name, b, fastest: autotune.time_candidate(name, b, fastest, budget_s=0.0, reps=1))
     chosen = []
 
     @jax.jit
@@ -261,7 +283,7 @@ def test_conv_layer_passes_are_measured_and_pinned_apart(tmp_path):
                "gradients": {"mixed": 4.0, "xla": 9.0, "conv": 8.0, "im2col": 3.0, "taps": 1.5, "outer": 6.0}}
     timed = []
 
-    def timer(name, build):  # build: functools.partial(_timed_layer, op, impl, pass, ...)
+    def timer(name, build, fastest):  # build: functools.partial(_timed_layer, op, impl, pass, ...)
         timed.append(build.args[1:3])
         return seconds[build.args[2]][name]
     args = (ops.conv_transpose_s2, "deconv2", (64, 13, 13, 16), (6, 6, 16, 8), "float32")
