@@ -44,9 +44,11 @@ parameters are interchangeable between `fast=True` and `fast=False`.
 
 The encoder's stride-2 convolutions have the same problem in their gradients (the input gradient of
 a strided conv is an lhs-dilated conv). `conv_s2` computes `flax.linen.Conv(O, (k, k), (2, 2),
-'VALID')` for even k as space-to-depth (2x2 blocks into channels), then a stride-1 correlation
-with (k/2)^2 taps done by matmuls (`_conv_s1`); its gradients are pads, adds and matmuls. `Conv`
-is the matching drop-in layer.
+'VALID')` for even k by matmuls on x seen, without moving anything, as rows in pairs with each
+column pair's channels side by side: 2 (k/2)^2 windows of 2C channels, each a slice
+(`_conv_s2_paired_rows`); or as space-to-depth (2x2 blocks into channels) and a stride-1
+correlation (`_conv_s1`: XLA's conv for narrow layers, or 'outer'). Its gradients are pads, adds
+and matmuls. `Conv` is the matching drop-in layer.
 """
 from __future__ import annotations
 
@@ -90,7 +92,8 @@ _MAX_CONV_CHANNELS = 256
 #   mixed   the reformulation, per correlation: conv when narrow (_MAX_CONV_CHANNELS), otherwise
 #           im2col or taps, whichever copies the narrower of input and output; but the transposed
 #           conv's gradients are those of its forward's matmul form, one gather of dy's patches and
-#           two matmuls (docs/performance_speed.md, ninth session);
+#           two matmuls (docs/performance_speed.md, ninth session), and the strided conv's
+#           matmul form is im2col (its windows, slices of x's paired rows, copy as much as taps');
 #   'f/b'   (two of the above) formulation f in the forward pass, b in the gradients.
 # 'mixed' is the default when nothing is measured; `layer_impl` measures (planet_jax.autotune).
 DEFAULT_CONV_IMPL = "mixed"
@@ -505,8 +508,10 @@ def conv_s2(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
 
     x: (..., H, W, I) NHWC; kernel: (k, k, I, O) with k even; bias: (O,) or None. Returns
     (..., (H - k) // 2 + 1, (W - k) // 2 + 1, O). y[m, n] = sum_{p, q} x[2m + p, 2n + q] @ w[p, q]:
-    with p = 2i + r this is a stride-1 correlation of space-to-depth(x) with (k/2)^2 taps, formulated
-    as `impl` says (one of CONV_IMPLS, 'xla' being flax's op, or 'f/b' as in `conv_transpose_s2`),
+    with p = 2a + r and q = 2b + s, a sum over the (a, r, b) windows of x seen as (H/2, 2, W/2, 2I)
+    (`_conv_s2_paired_rows`: 'im2col', 'taps'), or a stride-1 correlation of space-to-depth(x)
+    ('conv' by XLA, 'outer' by one matmul and shifted sums), formulated as `impl` says (one of CONV_IMPLS, 'xla' being flax's op, 'mixed' being 'conv' for
+    4 I O up to _MAX_CONV_CHANNELS and 'im2col' otherwise, or 'f/b' as in `conv_transpose_s2`),
     with `dtype` operands in the matmuls of both passes (the result is float32). Differentiable
     by reverse mode; forward-mode (jvp) is not defined for split 'f/b' formulations (a custom VJP).
     Raises ValueError for a kernel that is not (k, k, I, O) with k even, or an unknown dtype or impl.
@@ -526,9 +531,38 @@ def conv_s2(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
 # step's peak memory falls by the size of those copies.
 @functools.partial(jax.checkpoint, static_argnums=(2, 3))
 def _conv_s2(x: jax.Array, kernel: jax.Array, dtype: str, impl: str) -> jax.Array:
-    k = kernel.shape[0]
+    k, _, c_in, c_out = kernel.shape
     ho, wo = (x.shape[1] - k) // 2 + 1, (x.shape[2] - k) // 2 + 1
-    return _conv_s1(_space_to_depth(x[:, :2 * (ho - 1) + k, :2 * (wo - 1) + k]), _s2d_kernel(kernel), dtype, impl)
+    x = x[:, :2 * (ho - 1) + k, :2 * (wo - 1) + k]
+    if impl == "mixed":
+        impl = "conv" if 4 * c_in * c_out <= _MAX_CONV_CHANNELS else "im2col"
+    if impl in ("conv", "outer"):
+        # 'outer' on paired rows would write four times the products it writes on 2 x 2 blocks.
+        return _conv_s1(_space_to_depth(x), _s2d_kernel(kernel), dtype, impl)
+    return _conv_s2_paired_rows(x, kernel, dtype, impl)
+
+
+def _conv_s2_paired_rows(x: jax.Array, kernel: jax.Array, dtype: str, impl: str) -> jax.Array:
+    """The stride-2 correlation of x (B, H, W, C), H and W even, by matmuls on x seen as
+    (B, H/2, 2, W/2, 2C): rows in pairs, each column pair's channels side by side, a reshape that
+    moves nothing. With p = 2a + r and q = 2b + s, y[m, n] = sum_{a, r, b} X[m + a, r, n + b] @
+    W[a, r, b] where W[a, r, b] is kernel[2a + r, 2b : 2b + 2] as a (2C, O) matrix: 2 (k/2)^2 windows
+    of 2C channels, each a slice of X, without the space-to-depth transposes (of x, and of dx in the
+    gradients) that a correlation of (2 x 2) blocks would need. impl: 'im2col' (the windows side by
+    side, one matmul) or 'taps' (one matmul per window, summed)."""
+    k, _, c_in, c_out = kernel.shape
+    bsz, h, w, _ = x.shape
+    a = k // 2
+    ho, wo = h // 2 - a + 1, w // 2 - a + 1
+    rows = x.reshape(bsz, h // 2, 2, w // 2, 2 * c_in)
+    taps = kernel.reshape(a, 2, a, 2 * c_in, c_out)             # [a, r, b] = kernel[2a + r, 2b:2b + 2]
+    mm = _matmul_of(dtype)
+    windows = [rows[:, i:i + ho, r, j:j + wo] for i in range(a) for r in range(2) for j in range(a)]
+    if impl == "im2col":
+        return mm(jnp.concatenate(windows, -1), taps.reshape(k * k * c_in, c_out))
+    if impl == "taps":
+        return sum(mm(win, tap) for win, tap in zip(windows, taps.reshape(2 * a * a, 2 * c_in, c_out)))
+    raise ValueError(f"no paired-rows formulation {impl!r}")
 
 
 def conv_s2_plain(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
@@ -609,8 +643,10 @@ def layer_impl(op: Callable, name: str | None, x_shape: tuple[int, ...], kernel_
 _PASSES = ("forward", "gradients")
 # Named in a pass's cache key once a formulation it measures has changed, so that timings cached for
 # the old code are measured again, for that pass only: r2, conv_transpose_s2's 'mixed' gradients
-# became the gather of dy's patches at every input size.
-_PASS_REVISION = {("conv_transpose_s2", "gradients"): " r2"}
+# became the gather of dy's patches at every input size; conv_s2's r2, its matmul formulations
+# became windows of paired rows instead of space-to-depth blocks.
+_PASS_REVISION = {("conv_transpose_s2", "gradients"): " r2", ("conv_s2", "forward"): " r2",
+                  ("conv_s2", "gradients"): " r2"}
 
 
 def _timed_layer(op: Callable, impl: str, pass_: str, x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],

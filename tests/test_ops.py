@@ -231,6 +231,35 @@ def test_non_square_inputs_equal_flax(impl, k, c_in, c_out):
     _check_against_references(fast, _naive, _flax, (4, 7, c_in), k, c_out, seed=k + c_in)
 
 
+@pytest.mark.parametrize("impl", ["mixed", "im2col", "taps", "outer"])
+@pytest.mark.parametrize("shape,k,c_out", [((7, 10, 8), 4, 12), ((9, 6, 5), 2, 40), ((12, 9, 6), 6, 16)])
+def test_strided_conv_on_non_square_inputs_equals_flax(impl, shape, k, c_out):
+    """The paired-rows windows keep rows and columns apart (odd sizes cropped, k of 2, 4 and 6; wide
+    enough that 'mixed' takes them rather than XLA's conv)."""
+    assert 4 * shape[-1] * c_out > ops._MAX_CONV_CHANNELS
+    fast = lambda x, w, b: ops.conv_s2(x, w, b, impl=impl)
+    _check_against_references(fast, _naive_conv, _flax_conv, shape, k, c_out, seed=k + c_out)
+
+
+def _transposed_sizes(jaxpr) -> list[int]:
+    """Element counts of the operands of every transpose in a jaxpr, inner jaxprs included."""
+    sizes = [int(np.prod(eqn.invars[0].aval.shape)) for eqn in jaxpr.eqns if eqn.primitive.name == "transpose"]
+    for inner in jax.extend.core.subjaxprs(jaxpr):
+        sizes += _transposed_sizes(inner)
+    return sizes
+
+
+@pytest.mark.parametrize("impl", ["mixed", "im2col", "taps"])
+def test_strided_conv_matmul_forms_move_no_activation(impl):
+    """Forward and gradients of conv_s2's matmul forms transpose nothing larger than the kernel (no
+    space-to-depth of x or of dx): its windows are slices of x seen as paired rows."""
+    x, kernel = jnp.ones((4, 30, 30, 8)), jnp.ones((4, 4, 8, 16))  # x 28 times the kernel
+    g = jnp.ones((4, 14, 14, 16))
+    both = lambda x, w, g: jax.vjp(lambda x, w: ops.conv_s2(x, w, impl=impl), x, w)
+    sizes = _transposed_sizes(jax.make_jaxpr(lambda x, w, g: both(x, w, g)[1](g))(x, kernel, g).jaxpr)
+    assert max(sizes, default=0) <= kernel.size, sizes
+
+
 def _gathers(fn, *args) -> int:
     return str(jax.make_jaxpr(fn)(*args)).count("gather[")
 
