@@ -142,6 +142,9 @@ class Progress:
     def measuring(self, op: str, key: str):
         """An `autotune.Reporter`: the bar in front says which speed choice is being measured."""
         bar = self._updates if self._updates is not None else self._episodes
+        if bar.disable:  # a disabled tqdm has no description
+            yield
+            return
         desc = bar.desc
         bar.set_description(f"measuring speed choices (once per machine): {op} {key}")
         try:

@@ -340,7 +340,8 @@ def run_round(run: Run, state: LoopState, stop, progress: logger.Progress
 def train(cfg: config.Config, env: str | Callable, logdir: str | Path, seed: int = 0,
           progress: bool = True) -> dict[str, Any]:
     """Runs (or resumes) training in `logdir` until train.episodes episodes exist or a SIGINT or
-    SIGTERM arrives; returns the last round's record.
+    SIGTERM arrives; returns the last round's record ({} if no round ran: a run already complete, or
+    stopped before its first round ended).
 
     Args:
       cfg: the configuration; a resumed run may change only `rundir.RESUMABLE_CHANGES`.

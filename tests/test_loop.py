@@ -154,8 +154,20 @@ def test_progress_clocks_leave_out_the_compile_and_name_what_is_measured(capsys)
         assert progress._episodes.n == 1 and progress._updates.desc == "training"
         progress.updated({"loss": 1.0})
         assert progress._updates.n == 2 and progress._updates.format_dict["initial"] == 1  # restarted once
-        # Between rounds (the planner's choice is measured while collecting) the episode bar says it.
+        # With no update bar open (after a round) the episode bar names the measurement.
         progress.finished_round({"episode": 2, "train_return": 0.0})
         with progress.measuring("planner.batching", "key"):
             assert "planner.batching" in progress._episodes.desc
         assert "planner.batching" not in progress._episodes.desc
+
+
+def test_disabled_progress_takes_measurement_reports_silently():
+    """--no-progress and processes other than 0 still pass their bars to autotune.reporting."""
+    with logger.Progress(total=4, done=1, seed_episodes=1, enabled=False) as progress:
+        progress.start_updates(3, compiling=True)
+        with progress.measuring("ops.conv_s2", "key"):
+            pass
+        progress.updated({"loss": 1.0})
+        progress.finished_round({"episode": 2})
+        with progress.measuring("planner.batching", "key"):
+            pass
