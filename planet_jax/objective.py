@@ -103,6 +103,12 @@ MAX_CPU_SEARCH_IMAGES = 1024
 IMAGE_GROUP_MIN_GAIN = 0.1
 
 
+# Named in the group search's cache key once the layers its candidates run (at their default
+# formulations) have changed, so that group sizes timed with the old layers are timed again: r2,
+# conv_s2's 'mixed' became windows of paired rows.
+_GROUP_REVISION = " r2"
+
+
 def image_group(cfg: ModelConfig, batch: int, length: int, tuner: autotune.Tuner | None = None) -> int:
     """Sequences per encoder/decoder call in the loss for a batch of `batch` sequences of `length`
     frames: `cfg.image_group` when positive; for 0, the divisor of `batch` whose groups ran the
@@ -128,7 +134,7 @@ def image_group(cfg: ModelConfig, batch: int, length: int, tuner: autotune.Tuner
     calls = {str(g): batch / (g * groups[g]) for g in sizes}
     gflop = _image_flops(cfg) * length / 1e9
     key = (f"B{batch} L{length} depth{cfg.cnn_depth} feat{cfg.feature_size} {cfg.conv_dtype} "
-           f"fast{int(cfg.fast_conv)} conv {cfg.conv_impl} decoder body, looped")
+           f"fast{int(cfg.fast_conv)} conv {cfg.conv_impl} decoder body, looped{_GROUP_REVISION}")
     return int((tuner or autotune.Tuner()).choose("objective.image_group", key, candidates, str(default),
                                                   gflop=gflop, calls=calls, min_gain=IMAGE_GROUP_MIN_GAIN))
 
