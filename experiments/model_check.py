@@ -10,7 +10,6 @@ planet_jax.model_check.
 """
 from __future__ import annotations
 
-
 import numpy as np
 
 from experiments import cli
@@ -18,7 +17,7 @@ from experiments import cli
 
 def main(argv=None) -> int:
     parser = cli.ArgumentParser(prog="python -m experiments.model_check",
-                                     description="Model-predicted against true rewards for probe action sequences.")
+                                description="Model-predicted against true rewards for probe action sequences.")
     parser.add_argument("--logdir", required=True, help="run folder written by experiments.train")
     parser.add_argument("--starts", type=int, default=4, help="episode starts to check")
     parser.add_argument("--warmup", type=int, default=3, help="agent steps of no force before the check")

@@ -13,7 +13,6 @@ planet_jax.loop; this file only parses flags.
 """
 from __future__ import annotations
 
-
 from experiments import cli
 from planet_jax import config
 

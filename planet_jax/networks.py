@@ -31,7 +31,7 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, o: jax.Array) -> jax.Array:
-        # fast: space-to-depth and a stride-1 correlation by matmuls (planet_jax.ops), same parameters.
+        # fast: matmuls on shifted windows, or XLA's stride-1 conv (planet_jax.ops), same parameters.
         layer = lambda i, mult: Conv(mult * self.depth, 4, self.fast, dtype=self.dtype, name=f"conv{i}")
 
         def first_two(module, x):
