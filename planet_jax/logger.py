@@ -79,8 +79,8 @@ class Progress:
     """What a user watching a run sees: a bar over episodes whose time estimate comes from trained
     rounds only (seed episodes are far quicker), and a bar over the updates of the round in
     progress with its loss and seconds per update; neither estimate counts the first update's
-    compile, and while a speed choice is measured (`autotune.reporting`) the bar says which. A
-    context manager; shows nothing when disabled.
+    compile (their elapsed times count from its end), and while a speed choice is measured
+    (`autotune.reporting`) the bar says which. A context manager; shows nothing when disabled.
 
     Args:
       total: episodes the run will reach (train.episodes).
@@ -126,15 +126,17 @@ class Progress:
         bar = self._updates
         if bar is None or bar.disable:
             return
-        bar.update(1)
         if self._compiling:
             # Both clocks restart after the compile (a minute or more on a first run), which would
-            # otherwise stay in their estimates of the time left.
+            # otherwise stay in their estimates of the time left; the compiling bar is closed without
+            # drawing its one update, whose estimate would count the compile.
             self._compiling = False
             bar.close()
             self._updates = bar = self._bar(total=bar.total, initial=1, unit="update", position=1, leave=False,
                                             desc="training")
             self._restart_episode_clock()
+        else:
+            bar.update(1)
         if bar.n % 10 == 0 or bar.n == bar.total:
             bar.set_postfix(loss=f"{float(metrics['loss']):.1f}")
 
