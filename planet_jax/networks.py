@@ -31,7 +31,8 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, o: jax.Array) -> jax.Array:
-        # fast: matmuls on shifted windows, or XLA's stride-1 conv (planet_jax.ops), same parameters.
+        # fast: matmuls on shifted windows, or XLA's stride-1 conv on 2x2 blocks for narrow layers
+        # (planet_jax.ops); same parameters.
         layer = lambda i, mult: Conv(mult * self.depth, 4, self.fast, dtype=self.dtype, name=f"conv{i}")
 
         def first_two(module, x):

@@ -512,8 +512,9 @@ def conv_s2(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
     (`_conv_s2_paired_rows`: 'im2col', 'taps'), or a stride-1 correlation of space-to-depth(x)
     ('conv' by XLA, 'outer' by one matmul and shifted sums), formulated as `impl` says (one of
     CONV_IMPLS, 'xla' being flax's op, 'mixed' being 'conv' for 4 I O up to _MAX_CONV_CHANNELS and
-    'im2col' otherwise, or 'f/b' as in `conv_transpose_s2`), with `dtype` operands in the matmuls of both passes (the result is float32). Differentiable
-    by reverse mode; forward-mode (jvp) is not defined for split 'f/b' formulations (a custom VJP).
+    'im2col' otherwise, or 'f/b' as in `conv_transpose_s2`), with `dtype` operands in the matmuls of
+    both passes (the result is float32). Differentiable by reverse mode; forward-mode (jvp) is not
+    defined for split 'f/b' formulations (a custom VJP).
     Raises ValueError for a kernel that is not (k, k, I, O) with k even, or an unknown dtype or impl.
     """
     _check_kernel(x, kernel, kernel.shape[0] % 2 == 0, "k even")

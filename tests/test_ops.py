@@ -253,7 +253,7 @@ def _transposed_sizes(jaxpr) -> list[int]:
 def test_strided_conv_matmul_forms_move_no_activation(impl):
     """Forward and gradients of conv_s2's matmul forms transpose nothing larger than the kernel (no
     space-to-depth of x or of dx): its windows are slices of x seen as paired rows."""
-    x, kernel = jnp.ones((4, 30, 30, 8)), jnp.ones((4, 4, 8, 16))  # x 28 times the kernel
+    x, kernel = jnp.ones((4, 30, 30, 8)), jnp.ones((4, 4, 8, 16))  # x far larger than the kernel
     g = jnp.ones((4, 14, 14, 16))
     both = lambda x, w, g: jax.vjp(lambda x, w: ops.conv_s2(x, w, impl=impl), x, w)
     sizes = _transposed_sizes(jax.make_jaxpr(lambda x, w, g: both(x, w, g)[1](g))(x, kernel, g).jaxpr)
