@@ -23,6 +23,7 @@ paper), i.e. ceil(episode_steps / R) agent steps, or less if the environment's o
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import math
 import os
@@ -140,8 +141,10 @@ def _resolve(name: str) -> tuple[str, str]:
     try:
         return _TASKS[name]
     except KeyError:
+        close = difflib.get_close_matches(name, task_names(), n=1)
+        guess = f" (did you mean {close[0]!r}?)" if close else ""
         raise UnknownTaskError(
-            f"unknown task {name!r}; valid names: {', '.join(task_names())}, "
+            f"unknown task {name!r}{guess}; valid names: {', '.join(task_names())}, "
             f"or {GYM_PREFIX}<Gymnasium id>") from None
 
 

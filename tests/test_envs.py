@@ -333,8 +333,9 @@ def test_unknown_name_lists_valid_names():
     assert "\n" not in message
     assert "walker_walk" in message and "cup_catch" in message and "ball_in_cup_catch" in message
     assert "gym:" in message
-    with pytest.raises(UnknownTaskError):
-        default_action_repeat("nope")
+    assert message.startswith("unknown task 'walker_wlak' (did you mean 'walker_walk'?); valid names: ")
+    with pytest.raises(UnknownTaskError, match=r"^unknown task 'nope'; valid names"):
+        default_action_repeat("nope")  # nothing close: no guess
 
 
 def test_task_names_cover_suite_and_alias():
