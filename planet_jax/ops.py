@@ -164,17 +164,21 @@ def _conv_s1(x: jax.Array, w: jax.Array, dtype: str, impl: str) -> jax.Array:
         impl = "conv" if c * n <= _MAX_CONV_CHANNELS else "im2col" if c < n else "taps"
     if impl == "conv":
         return _narrow_conv_s1(x, w)
-    mm = _matmul_of(dtype)
     if impl == "outer":
         ho, wo = x.shape[1] - a + 1, x.shape[2] - b + 1
-        y = mm(x, w.transpose(2, 0, 1, 3).reshape(c, a * b * n)).reshape(x.shape[:3] + (a * b, n))
+        y = _matmul_of(dtype)(x, w.transpose(2, 0, 1, 3).reshape(c, a * b * n)).reshape(x.shape[:3] + (a * b, n))
         # y[:, m + i, n + j, tap (i, j)] is tap (i, j)'s contribution to output (m, n).
         return sum(y[:, i:i + ho, j:j + wo, i * b + j] for i in range(a) for j in range(b))
-    windows = _windows(x, a, b)
+    return _windows_times_taps(_windows(x, a, b), w.reshape(a * b, c, n), dtype, impl)
+
+
+def _windows_times_taps(windows: list[jax.Array], taps: jax.Array, dtype: str, impl: str) -> jax.Array:
+    """sum_t windows[t] @ taps[t] for T windows (B, Ho, Wo, C) and taps (T, C, N), as one matmul of
+    the windows side by side ('im2col') or one matmul per window ('taps'), `dtype` operands."""
+    mm = _matmul_of(dtype)
     if impl == "im2col":
-        return mm(jnp.concatenate(windows, -1), w.reshape(a * b * c, n))
-    taps = w.reshape(a * b, c, n)
-    return sum(mm(win, taps[t]) for t, win in enumerate(windows))
+        return mm(jnp.concatenate(windows, -1), taps.reshape(-1, taps.shape[-1]))
+    return sum(mm(win, tap) for win, tap in zip(windows, taps))
 
 
 def _im2col(x: jax.Array, a: int, b: int, stride: int = 1) -> jax.Array:
@@ -556,14 +560,9 @@ def _conv_s2_paired_rows(x: jax.Array, kernel: jax.Array, dtype: str, impl: str)
     a = k // 2
     ho, wo = h // 2 - a + 1, w // 2 - a + 1
     rows = x.reshape(bsz, h // 2, 2, w // 2, 2 * c_in)
-    taps = kernel.reshape(a, 2, a, 2 * c_in, c_out)             # [a, r, b] = kernel[2a + r, 2b:2b + 2]
-    mm = _matmul_of(dtype)
+    taps = kernel.reshape(2 * a * a, 2 * c_in, c_out)         # [(a, r, b)] = kernel[2a + r, 2b:2b + 2]
     windows = [rows[:, i:i + ho, r, j:j + wo] for i in range(a) for r in range(2) for j in range(a)]
-    if impl == "im2col":
-        return mm(jnp.concatenate(windows, -1), taps.reshape(k * k * c_in, c_out))
-    if impl == "taps":
-        return sum(mm(win, tap) for win, tap in zip(windows, taps.reshape(2 * a * a, 2 * c_in, c_out)))
-    raise ValueError(f"no paired-rows formulation {impl!r}")
+    return _windows_times_taps(windows, taps, dtype, impl)
 
 
 def conv_s2_plain(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
