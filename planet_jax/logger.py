@@ -106,6 +106,11 @@ class Progress:
         self._episodes.close()
         self._episodes = self._bar(total=self._total, initial=done, unit="ep", position=0)
 
+    def _open_updates(self, total: int, desc: str, initial: int = 0) -> None:
+        if self._updates is not None:
+            self._updates.close()
+        self._updates = self._bar(total=total, initial=initial, unit="update", position=1, leave=False, desc=desc)
+
     def start_updates(self, count: int, compiling: bool = False) -> None:
         """A round of `count` updates begins (`compiling`: its first update compiles the train step).
         The first round restarts the episode bar's clock, so that its estimate of the time left
@@ -113,12 +118,9 @@ class Progress:
         if not self._clock_from_trained:
             self._restart_episode_clock()
             self._clock_from_trained = True
-        if self._updates is not None:
-            self._updates.close()
         self._compiling = compiling
-        desc = ("compiling the train step (minutes if its speed choices are not yet measured here), then training"
-                if compiling else "training")
-        self._updates = self._bar(total=count, unit="update", position=1, leave=False, desc=desc)
+        self._open_updates(count, "compiling the train step (minutes if its speed choices are not yet measured "
+                                  "here), then training" if compiling else "training")
 
     def updated(self, metrics: dict[str, Any]) -> None:
         """One update finished; `metrics` are its (possibly still computing) metrics. The loss is
@@ -131,10 +133,9 @@ class Progress:
             # otherwise stay in their estimates of the time left; the compiling bar is closed without
             # drawing its one update, whose estimate would count the compile.
             self._compiling = False
-            bar.close()
-            self._updates = bar = self._bar(total=bar.total, initial=1, unit="update", position=1, leave=False,
-                                            desc="training")
+            self._open_updates(bar.total, "training", initial=1)
             self._restart_episode_clock()
+            bar = self._updates
         else:
             bar.update(1)
         if bar.n % 10 == 0 or bar.n == bar.total:
