@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from planet_jax import networks, planner, rssm
+from planet_jax import networks, parallel, planner, rssm
 from planet_jax.config import Config, ModelConfig
 from planet_jax.rssm import RSSMState
 
@@ -64,9 +64,12 @@ class Actor:
 
     def __init__(self, policy: Callable, cfg: Config, action_dim: int, num_envs: int, params,
                  key: jax.Array, noise: float):
-        self._policy, self._params, self._key = policy, params, key
+        self._policy, self._params = policy, params
+        # jit compiles once per placement of its arguments, and the policy's outputs (the belief,
+        # fed back) are placed like the parameters: a fresh zero belief, or a key from a fresh
+        # start rather than a checkpoint, would each cost a compile of the whole policy.
+        self._key, self._belief = _placed_like(params, (key, initial_belief(cfg, num_envs, action_dim)))
         self._noise = jnp.float32(noise)
-        self._belief = initial_belief(cfg, num_envs, action_dim)
         self._t = 0
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
@@ -74,6 +77,17 @@ class Actor:
         action, self._belief = self._policy(self._params, self._belief, obs, step_key, self._noise)
         self._t += 1
         return np.asarray(action)
+
+
+def _placed_like(params, tree):
+    """tree replicated where params' committed arrays are (a mesh or one device); unchanged for
+    uncommitted params (numpy or fresh arrays), with which jit places everything itself."""
+    leaf = jax.tree.leaves(params)[0]
+    if not (isinstance(leaf, jax.Array) and leaf.committed):
+        return tree
+    if isinstance(leaf.sharding, jax.sharding.NamedSharding):
+        return parallel.replicate(tree, leaf.sharding.mesh)
+    return jax.device_put(tree, leaf.sharding)
 
 
 @partial(jax.jit, static_argnums=1)
