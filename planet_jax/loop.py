@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -360,6 +361,10 @@ def train(cfg: config.Config, env: str | Callable, logdir: str | Path, seed: int
     """
     cfg.validate()
     record: dict[str, Any] = {}
+    held = checkpointed_episodes(cfg, env, logdir, seed)
+    if held is not None and held >= cfg.train.episodes:
+        _say_complete(logdir, held, cfg.train.episodes)
+        return record
     with open_run(cfg, env, logdir, seed) as run, runtime.StopFlag() as stop:
         tc = run.cfg.train
         state = load_state(run)
@@ -367,8 +372,7 @@ def train(cfg: config.Config, env: str | Callable, logdir: str | Path, seed: int
         show = progress and run.log is not None
         if state.episodes >= tc.episodes:
             if run.log is not None:
-                print(f"{logdir} already holds {state.episodes} episodes (train.episodes is {tc.episodes}): "
-                      "nothing to train; a larger --episodes continues the run")
+                _say_complete(logdir, state.episodes, tc.episodes)
             return record
         if show:
             announce_cpu_cost(run.cfg)
@@ -387,6 +391,32 @@ def train(cfg: config.Config, env: str | Callable, logdir: str | Path, seed: int
         print(f"stopped by {stop.signal_name}: the last checkpoint holds {state.episodes} episodes in "
               f"{logdir}; run the same command to resume")
     return record
+
+
+def checkpointed_episodes(cfg: config.Config, env: str | Callable, logdir: str | Path, seed: int) -> int | None:
+    """Episodes counted by the last checkpoint of this run in `logdir` (None if the folder holds no
+    run yet, or several processes run it), read without starting environments or loading the
+    replay, so that asking a complete run for no more episodes answers at once.
+
+    Raises RunError as `train` would: a folder in use, of another run, or unreadable.
+    """
+    logdir = Path(logdir)
+    if not (logdir / "run.json").exists() or jax.process_count() > 1:
+        return None
+    with rundir.lock(logdir), warnings.catch_warnings():
+        # A resume's changed settings are reported by the run that uses them, not by this look.
+        warnings.simplefilter("ignore", rundir.ResumedWithChangesWarning)
+        rundir.prepare(logdir, cfg, envs.env_name(env), seed)
+        ckpt = checkpoint.Checkpointer(logdir / "checkpoints")
+        try:
+            return ckpt.latest_step()  # saved under the run's episode count (`save_state`)
+        finally:
+            ckpt.close()
+
+
+def _say_complete(logdir: str | Path, held: int, episodes: int) -> None:
+    print(f"{logdir} already holds {held} episodes (train.episodes is {episodes}): "
+          "nothing to train; a larger --episodes continues the run")
 
 
 def announce_cpu_cost(cfg: config.Config) -> None:

@@ -91,7 +91,7 @@ def _rounds(logdir):
     return [{k: v for k, v in json.loads(line).items() if k in keep} for line in lines]
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path):
+def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch, capsys):
     """A run stopped after its third round and resumed to the end writes the same episode files,
     bit for bit, and logs the same returns and losses per round as a run that was never stopped.
 
@@ -105,6 +105,16 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     loop.train(episodes(rounds), ENV, whole, seed=3, progress=False)
     loop.train(episodes(3), ENV, parts, seed=3, progress=False)
     assert len(_rounds(parts)) == 3
+    # Asked for no more episodes, the run answers from its checkpoint: no environment starts.
+    assert loop.checkpointed_episodes(episodes(3), ENV, parts, 3) == 3 * num_envs
+    assert loop.checkpointed_episodes(episodes(3), ENV, tmp_path / "new", 3) is None
+    with monkeypatch.context() as m:
+        m.setattr(rollout, "make_envs", lambda *a: pytest.fail("environments started"))
+        capsys.readouterr()
+        assert loop.train(episodes(3), ENV, parts, seed=3, progress=False) == {}
+        assert f"already holds {3 * num_envs} episodes" in capsys.readouterr().out
+        with pytest.raises(rundir.RunError, match="seed 3, not cartpole_swingup seed 4"):
+            loop.train(episodes(3), ENV, parts, seed=4, progress=False)
     loop.train(episodes(rounds), ENV, parts, seed=3, progress=False)
 
     expected, got = _episode_files(whole), _episode_files(parts)
