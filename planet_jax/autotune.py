@@ -17,6 +17,8 @@ measurement):
           corrupt or unreadable file is ignored (with an AutotuneWarning) and rewritten; an
           unwritable folder only loses the memory of the choice. Writes hold an flock on
           `autotune.json.lock` beside it, so processes measuring at once keep each other's entries.
+          A shape key that ends in ' r<N>' was timed with revision N of the candidates' code
+          (`revision`); each write drops this machine's entries of earlier revisions of a key.
   search  on unless $PLANET_JAX_AUTOTUNE is 0/off/false/no; when off, or when the work is too
           small for timings to mean anything (`MIN_SEARCH_GFLOP`), each op takes its fixed default
           (the rule planet_jax used before it measured). Config values pin a choice per op
@@ -36,6 +38,7 @@ import json
 import math
 import os
 import platform
+import re
 import time
 import warnings
 from pathlib import Path
@@ -270,7 +273,9 @@ class Tuner:
                 if fcntl is not None:
                     fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
                 entries = self._read()
-                entries.setdefault(self.machine, {}).setdefault(op, {})[key] = entry
+                mine = entries.setdefault(self.machine, {})
+                mine.setdefault(op, {})[key] = entry
+                entries[self.machine] = {o: _current(by_key) for o, by_key in mine.items()}
                 tmp.write_text(json.dumps({"version": CACHE_VERSION, "entries": entries}, indent=1, sort_keys=True))
                 os.replace(tmp, self.path)  # atomic: a reader without the lock sees the old or the new file
         except OSError as err:
@@ -279,12 +284,33 @@ class Tuner:
                               AutotuneWarning)
 
 
+def revision(key: str) -> tuple[str, int]:
+    """(shape key without its revision, revision): a key may end in ' r<N>', N >= 2, naming the
+    revision of the candidates' code it was timed with (ops' and objective's `_*REVISION`); 1 if not."""
+    match = _REVISION_RE.search(key)
+    return (key[:match.start()], int(match.group(1))) if match else (key, 1)
+
+
+_REVISION_RE = re.compile(r" r(\d+)$")
+
+
+def _current(by_key: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of one op without those superseded by a later revision of the same key: timings
+    of code that has since changed, which no choice reads again."""
+    latest: dict[str, int] = {}
+    for key in by_key:
+        base, rev = revision(key)
+        latest[base] = max(latest.get(base, rev), rev)
+    return {key: entry for key, entry in by_key.items() if latest[revision(key)[0]] == revision(key)[1]}
+
+
 def _is_timing(value: Any) -> bool:
     """A usable cached time: a finite positive number (not a bool, NaN or a hand-edited string)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def choices(tuner: Tuner | None = None) -> dict[str, dict[str, Any]]:
-    """This machine's cached choices, {op: {shape key: {'choice', 'seconds'}}} (for reports)."""
+    """This machine's cached choices, {op: {shape key: {'choice', 'seconds'}}} (for reports),
+    without entries superseded by a later revision of their key."""
     tuner = tuner or Tuner()
-    return tuner._read().get(tuner.machine, {})
+    return {op: _current(by_key) for op, by_key in tuner._read().get(tuner.machine, {}).items()}
