@@ -36,7 +36,8 @@ def main(argv=None) -> int:
     parser.add_argument("--distributed", action="store_true",
                         help="one process of a multi-host run: call jax.distributed.initialize() first, "
                              "with arguments from the launcher's environment")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars: one line per episode round instead (for log files)")
     args = parser.parse_args(argv)
     with cli.usage_errors(parser):
         if args.distributed:

@@ -75,23 +75,42 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int = 20) -> Path:
     return path
 
 
+def round_line(record: dict[str, Any], total: int) -> str:
+    """One line for a logged round (`loop.run_round`'s record) of a run of `total` episodes."""
+    parts = [f"return {float(record['train_return']):.1f}"] if "train_return" in record else []
+    parts += [f"{label} {float(record[k]):.{digits}f}" for k, label, digits in
+              (("test_return", "test return", 1), ("loss", "loss", 2)) if k in record]
+    if "steps_per_second" in record:
+        parts.append(f"{float(record['steps_per_second']):.1f} env steps/s")
+    if "wall_time" in record:
+        seconds = int(record["wall_time"])
+        parts.append(f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}")
+    return f"episode {int(record['episode'])}/{total}: " + ", ".join(parts)
+
+
 class Progress:
     """What a user watching a run sees: a bar over episodes whose time estimate comes from trained
     rounds only (seed episodes are far quicker), and a bar over the updates of the round in
     progress with its loss and seconds per update; neither estimate counts the first update's
     compile (their elapsed times count from its end), and while a speed choice is measured
-    (`autotune.reporting`) the bar says which. A context manager; shows nothing when disabled.
+    (`autotune.reporting`) the bar says which. A context manager.
+
+    Without bars (a log file, a batch job), `lines` prints one line per logged round and per
+    measured speed choice to stdout instead, e.g.
+    "episode 12/80: return 345.2, test return 401.3, loss 12.5, 140.1 env steps/s, 0:10:32".
 
     Args:
       total: episodes the run will reach (train.episodes).
       done: episodes already collected.
       seed_episodes: S; rounds before S episodes exist do not count towards the estimate.
-      enabled: False shows nothing (--no-progress, or a process other than 0).
+      enabled: False shows no bars (--no-progress, or a process other than 0).
+      lines: with enabled False, print the lines above (--no-progress on process 0).
     """
 
-    def __init__(self, total: int, done: int, seed_episodes: int, enabled: bool = True):
+    def __init__(self, total: int, done: int, seed_episodes: int, enabled: bool = True, lines: bool = False):
         from tqdm import tqdm  # the bars only; imported here to keep logger's import light
         self._tqdm, self._enabled = tqdm, enabled
+        self._lines = lines and not enabled
         self._total = total
         self._episodes = self._bar(total=total, initial=min(done, total), unit="ep", position=0)
         self._clock_from_trained = done >= seed_episodes
@@ -146,6 +165,8 @@ class Progress:
         """An `autotune.Reporter`: the bar in front says which speed choice is being measured."""
         bar = self._updates if self._updates is not None else self._episodes
         if bar.disable:  # a disabled tqdm has no description
+            if self._lines:
+                print(f"measuring speed choices (once per machine): {op} {key}", flush=True)
             yield
             return
         desc = bar.desc
@@ -163,6 +184,8 @@ class Progress:
         self._episodes.update(int(record["episode"]) - self._episodes.n)
         self._episodes.set_postfix({k: round(float(record[k]), 1) for k in
                                     ("train_return", "test_return", "steps_per_second") if k in record})
+        if self._lines:
+            print(round_line(record, self._total), flush=True)
 
     def __enter__(self) -> "Progress":
         return self

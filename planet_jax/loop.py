@@ -376,7 +376,8 @@ def train(cfg: config.Config, env: str | Callable, logdir: str | Path, seed: int
             return record
         if show:
             announce_cpu_cost(run.cfg)
-        with logger.Progress(tc.episodes, state.episodes, tc.seed_episodes, show) as bar, \
+        lines = not progress and run.log is not None
+        with logger.Progress(tc.episodes, state.episodes, tc.seed_episodes, show, lines) as bar, \
                 autotune.reporting(bar.measuring):
             while state.episodes < tc.episodes and not stop:
                 state, result = run_round(run, state, stop, bar)

@@ -173,7 +173,7 @@ def test_progress_clocks_leave_out_the_compile_and_name_what_is_measured(capsys)
         assert "planner.batching" not in progress._episodes.desc
 
 
-def test_disabled_progress_takes_measurement_reports_silently():
+def test_disabled_progress_takes_measurement_reports_silently(capsys):
     """--no-progress and processes other than 0 still pass their bars to autotune.reporting."""
     with logger.Progress(total=4, done=1, seed_episodes=1, enabled=False) as progress:
         progress.start_updates(3, compiling=True)
@@ -183,3 +183,24 @@ def test_disabled_progress_takes_measurement_reports_silently():
         progress.finished_round({"episode": 2})
         with progress.measuring("planner.batching", "key"):
             pass
+    assert capsys.readouterr() == ("", "")
+
+
+def test_without_bars_lines_say_each_round_and_measurement(capsys):
+    """--no-progress on process 0: a line per round and per measured choice, for a log file."""
+    record = {"episode": 12, "train_return": 345.24, "test_return": 401.25, "loss": 12.345,
+              "steps_per_second": 140.06, "wall_time": 3600 + 10 * 60 + 32.9, "updates": 440}
+    with logger.Progress(total=80, done=11, seed_episodes=5, enabled=False, lines=True) as progress:
+        progress.start_updates(3, compiling=True)
+        with progress.measuring("ops.conv_s2", "x64 forward"):
+            pass
+        progress.updated({"loss": 1.0})
+        progress.finished_round(record)
+        progress.finished_round({"episode": 13, "train_return": -2.0, "wall_time": 59.99})
+    assert capsys.readouterr().out.splitlines() == [
+        "measuring speed choices (once per machine): ops.conv_s2 x64 forward",
+        "episode 12/80: return 345.2, test return 401.2, loss 12.35, 140.1 env steps/s, 1:10:32",
+        "episode 13/80: return -2.0, 0:00:59"]
+    with logger.Progress(total=80, done=11, seed_episodes=5, lines=True) as progress:  # bars: no lines
+        progress.finished_round(record)
+    assert "episode 12/80:" not in capsys.readouterr().out
