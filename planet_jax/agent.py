@@ -80,14 +80,18 @@ class Actor:
 
 
 def _placed_like(params, tree):
-    """tree replicated where params' committed arrays are (a mesh or one device); unchanged for
-    uncommitted params (numpy or fresh arrays), with which jit places everything itself."""
+    """tree replicated on the devices of params' committed arrays (one device, or a mesh of this
+    process's devices); unchanged for uncommitted params (numpy or fresh arrays), with which jit
+    places everything itself, and for params spread over several processes, which the loop
+    never acts with (it passes `parallel.local_copy`)."""
     leaf = jax.tree.leaves(params)[0]
-    if not (isinstance(leaf, jax.Array) and leaf.committed):
+    if not (isinstance(leaf, jax.Array) and leaf.committed and leaf.sharding.is_fully_addressable
+            and leaf.sharding.is_fully_replicated):
         return tree
-    if isinstance(leaf.sharding, jax.sharding.NamedSharding):
-        return parallel.replicate(tree, leaf.sharding.mesh)
-    return jax.device_put(tree, leaf.sharding)
+    sharding = leaf.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        sharding = parallel.replicated(sharding.mesh)
+    return jax.device_put(tree, sharding)
 
 
 @partial(jax.jit, static_argnums=1)

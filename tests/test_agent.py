@@ -1,14 +1,23 @@
 """`agent.Actor`: the jitted policy compiled once however its inputs were made."""
 import jax
 import numpy as np
+import pytest
 
 from planet_jax import agent, config, learner, parallel
 
 
-def test_the_policy_compiles_once_for_fresh_and_restored_runs():
+def _placed(params, placement):
+    if placement == "mesh":  # replicated over a mesh of this process's devices
+        return parallel.replicate(params, parallel.make_mesh())
+    if placement == "local copy":  # what the loop acts with (`parallel.local_copy`)
+        return parallel.local_copy(parallel.replicate(params, parallel.make_mesh()))
+    return jax.device_put(params, jax.devices()[0])  # as a checkpoint restores them (evaluate)
+
+
+@pytest.mark.parametrize("placement", ["mesh", "local copy", "restored"])
+def test_the_policy_compiles_once_for_fresh_and_restored_runs(placement):
     cfg = config.tiny()
-    params = parallel.replicate(learner.init_train_state(cfg, 2, jax.random.PRNGKey(0)).params,
-                                parallel.make_mesh())
+    params = _placed(learner.init_train_state(cfg, 2, jax.random.PRNGKey(0)).params, placement)
     policy = agent.make_policy(cfg, 2)
     obs = np.random.default_rng(0).integers(0, 256, (1, 64, 64, 3), np.uint8)
     fresh_key = jax.random.PRNGKey(1)  # a new run's key: uncommitted
@@ -20,3 +29,6 @@ def test_the_policy_compiles_once_for_fresh_and_restored_runs():
     assert policy._cache_size() == 1
     np.testing.assert_array_equal(actions[0], actions[1])  # placement changes no value
     assert actions[0][0].shape == (1, 2) and not np.array_equal(actions[0][0], actions[0][1])
+    # A new-style typed key is placed the same way.
+    typed = agent.Actor(agent.make_policy(cfg, 2), cfg, 2, 1, params, jax.random.key(1), 0.3)
+    assert typed(obs).shape == (1, 2)
