@@ -18,7 +18,8 @@ measurement):
           unwritable folder only loses the memory of the choice. Writes hold an flock on
           `autotune.json.lock` beside it, so processes measuring at once keep each other's entries.
           A shape key that ends in ' r<N>' was timed with revision N of the candidates' code
-          (`revision`); each write drops this machine's entries of earlier revisions of a key.
+          (`revision`); writing it drops the same key's earlier revisions, and `choices` leaves
+          out entries superseded so.
   search  on unless $PLANET_JAX_AUTOTUNE is 0/off/false/no; when off, or when the work is too
           small for timings to mean anything (`MIN_SEARCH_GFLOP`), each op takes its fixed default
           (the rule planet_jax used before it measured). Config values pin a choice per op
@@ -273,9 +274,13 @@ class Tuner:
                 if fcntl is not None:
                     fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
                 entries = self._read()
-                mine = entries.setdefault(self.machine, {})
-                mine.setdefault(op, {})[key] = entry
-                entries[self.machine] = {o: _current(by_key) for o, by_key in mine.items()}
+                by_key = entries.setdefault(self.machine, {}).setdefault(op, {})
+                base, rev = revision(key)
+                # Earlier revisions of this key only: code of an older revision that shares the
+                # file (another checkout, a second environment) keeps its own entries.
+                for old in [k for k in by_key if k != key and revision(k)[0] == base and revision(k)[1] < rev]:
+                    del by_key[old]
+                by_key[key] = entry
                 tmp.write_text(json.dumps({"version": CACHE_VERSION, "entries": entries}, indent=1, sort_keys=True))
                 os.replace(tmp, self.path)  # atomic: a reader without the lock sees the old or the new file
         except OSError as err:
@@ -285,18 +290,22 @@ class Tuner:
 
 
 def revision(key: str) -> tuple[str, int]:
-    """(shape key without its revision, revision): a key may end in ' r<N>', N >= 2, naming the
-    revision of the candidates' code it was timed with (ops' and objective's `_*REVISION`); 1 if not."""
+    """(shape key without its revision, revision): a key may end in ' r<N>' (N a positive integer
+    without leading zeros) naming the revision of the candidates' code it was timed with (ops' and
+    objective's `_*REVISION`); a key without one is revision 1."""
     match = _REVISION_RE.search(key)
     return (key[:match.start()], int(match.group(1))) if match else (key, 1)
 
 
-_REVISION_RE = re.compile(r" r(\d+)$")
+_REVISION_RE = re.compile(r" r([1-9][0-9]*)$")
 
 
-def _current(by_key: Mapping[str, Any]) -> dict[str, Any]:
+def _current(by_key: Any) -> Any:
     """The entries of one op without those superseded by a later revision of the same key: timings
-    of code that has since changed, which no choice reads again."""
+    of code that has since changed, which today's choices never read (a hand-edited value that is
+    not a dict of entries is returned as it is)."""
+    if not isinstance(by_key, dict):
+        return by_key
     latest: dict[str, int] = {}
     for key in by_key:
         base, rev = revision(key)
