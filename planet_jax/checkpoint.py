@@ -83,6 +83,18 @@ class Checkpointer:
         """The newest step with a finished checkpoint (readable or not), or None."""
         return self._manager.latest_step()
 
+    def read_meta(self, step: int) -> dict:
+        """The JSON `meta` saved with checkpoint `step`, without reading its arrays.
+
+        Raises CheckpointError (one line) if it cannot be read."""
+        args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+        try:
+            with _quiet_absl():
+                return dict(self._manager.restore(step, args=args).meta)
+        except Exception as err:  # orbax raises many types for missing or damaged files
+            raise CheckpointError(f"checkpoint {self.directory / str(step)} cannot be read "
+                                  f"({type(err).__name__})") from None
+
     def _leftovers(self, pattern: re.Pattern) -> dict[int, Path]:
         """Step -> folder in `directory` whose name matches `pattern` (unfinished or set aside)."""
         found = {}

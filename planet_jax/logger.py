@@ -76,14 +76,17 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int = 20) -> Path:
 
 
 def round_line(record: dict[str, Any], total: int) -> str:
-    """One line for a logged round (`loop.run_round`'s record) of a run of `total` episodes."""
+    """One line for a logged round (`loop.run_round`'s record) of a run of `total` episodes: the
+    episode count, then those of the round's mean training return, mean test return, mean loss
+    (nats, the negative bound), environment steps per second and the run's wall time (h:mm:ss,
+    all its invocations) that the record holds."""
     parts = [f"return {float(record['train_return']):.1f}"] if "train_return" in record else []
     parts += [f"{label} {float(record[k]):.{digits}f}" for k, label, digits in
               (("test_return", "test return", 1), ("loss", "loss", 2)) if k in record]
     if "steps_per_second" in record:
         parts.append(f"{float(record['steps_per_second']):.1f} env steps/s")
     if "wall_time" in record:
-        seconds = int(record["wall_time"])
+        seconds = max(0, int(record["wall_time"]))  # time.time() may step back
         parts.append(f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}")
     return f"episode {int(record['episode'])}/{total}: " + ", ".join(parts)
 
@@ -97,7 +100,7 @@ class Progress:
 
     Without bars (a log file, a batch job), `lines` prints one line per logged round and per
     measured speed choice to stdout instead, e.g.
-    "episode 12/80: return 345.2, test return 401.3, loss 12.5, 140.1 env steps/s, 0:10:32".
+    "episode 12/80: return 345.2, test return 401.3, loss 12.50, 140.1 env steps/s, 0:10:32".
 
     Args:
       total: episodes the run will reach (train.episodes).

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 import sys
 import time
 import warnings
@@ -350,7 +351,8 @@ def train(cfg: config.Config, env: str | Callable, logdir: str | Path, seed: int
         zero-argument callable returning an `envs.Environment` (your own simulator).
       logdir: the run folder; created if needed, resumed if it holds this run.
       seed: the run's seed (parameters, keys, the replay's sampling, episode k's reset seed).
-      progress: show progress bars.
+      progress: show progress bars; False shows none, and process 0 prints a line per round and
+        per measured speed choice instead (`logger.Progress`'s lines).
     Raises:
       RunError (bad input or folder, exit code 2), NonFiniteError (exit code 1),
       replay.StorageError / checkpoint.CheckpointError when a file cannot be written.
@@ -395,14 +397,21 @@ def train(cfg: config.Config, env: str | Callable, logdir: str | Path, seed: int
 
 
 def checkpointed_episodes(cfg: config.Config, env: str | Callable, logdir: str | Path, seed: int) -> int | None:
-    """Episodes counted by the last checkpoint of this run in `logdir` (None if the folder holds no
-    run yet, or several processes run it), read without starting environments or loading the
-    replay, so that asking a complete run for no more episodes answers at once.
+    """The episode count saved with the last checkpoint of this run in `logdir`, if the episodes
+    folder holds at least that many episode files; read without starting environments, restoring
+    parameters or loading the replay, so that asking a complete run for no more episodes answers
+    at once. None (let the full path decide) if the folder holds no run or no checkpoint yet, the
+    checkpoint's metadata cannot be read, files are missing, or several processes run.
 
-    Raises RunError as `train` would: a folder in use, of another run, or unreadable.
+    Neither the checkpoint's arrays nor the episodes are read: damage there is found, as before, by
+    the next command that reads them (a larger --episodes, evaluate).
+
+    Raises RunError (one line) for a folder in use or of another run, as `train` does.
     """
     logdir = Path(logdir)
-    if not (logdir / "run.json").exists() or jax.process_count() > 1:
+    # os.path, not Path.exists: a folder that cannot be searched must reach open_run's one-line error.
+    if (jax.process_count() > 1 or not os.path.exists(logdir / "run.json")
+            or not os.path.isdir(logdir / "checkpoints")):
         return None
     with rundir.lock(logdir), warnings.catch_warnings():
         # A resume's changed settings are reported by the run that uses them, not by this look.
@@ -410,9 +419,15 @@ def checkpointed_episodes(cfg: config.Config, env: str | Callable, logdir: str |
         rundir.prepare(logdir, cfg, envs.env_name(env), seed)
         ckpt = checkpoint.Checkpointer(logdir / "checkpoints")
         try:
-            return ckpt.latest_step()  # saved under the run's episode count (`save_state`)
+            step = ckpt.latest_step()
+            held = None if step is None else int(ckpt.read_meta(step)["episode"])
+        except (checkpoint.CheckpointError, KeyError, TypeError, ValueError):
+            return None
         finally:
             ckpt.close()
+    if held is None or len(replay.episode_files(logdir / "episodes")) < held:
+        return None
+    return held
 
 
 def _say_complete(logdir: str | Path, held: int, episodes: int) -> None:

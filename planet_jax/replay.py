@@ -161,6 +161,16 @@ def _file_index(path: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def episode_files(directory: str | Path) -> list[tuple[int, Path]]:
+    """(index, path) of each episode file in `directory` by its name, in index order (not read)."""
+    files = []
+    for path in Path(directory).glob("episode_*.npz"):
+        index = _file_index(path)
+        if index is not None:
+            files.append((index, path))
+    return sorted(files)
+
+
 class Replay:
     """Episodes on disk in `directory`, mirrored in memory, sampled as uniform chunks.
 
@@ -198,12 +208,7 @@ class Replay:
         return sum(self._rows) - len(self._rows)
 
     def _files(self) -> list[tuple[int, Path]]:
-        files = []
-        for path in self.directory.glob("episode_*.npz"):
-            index = _file_index(path)
-            if index is not None:
-                files.append((index, path))
-        return sorted(files)
+        return episode_files(self.directory)
 
     def load(self) -> int:
         """Loads every episode file in the directory in index order; returns how many loaded.

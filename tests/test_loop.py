@@ -2,6 +2,7 @@
 uninterrupted one."""
 import dataclasses
 import json
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -108,6 +109,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch, capsys):
     # Asked for no more episodes, the run answers from its checkpoint: no environment starts.
     assert loop.checkpointed_episodes(episodes(3), ENV, parts, 3) == 3 * num_envs
     assert loop.checkpointed_episodes(episodes(3), ENV, tmp_path / "new", 3) is None
+    assert not (tmp_path / "new").exists()
     with monkeypatch.context() as m:
         m.setattr(rollout, "make_envs", lambda *a: pytest.fail("environments started"))
         capsys.readouterr()
@@ -115,7 +117,22 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch, capsys):
         assert f"already holds {3 * num_envs} episodes" in capsys.readouterr().out
         with pytest.raises(rundir.RunError, match="seed 3, not cartpole_swingup seed 4"):
             loop.train(episodes(3), ENV, parts, seed=4, progress=False)
-    loop.train(episodes(rounds), ENV, parts, seed=3, progress=False)
+    # An episode file missing: the full path decides (it would collect the episode again).
+    last = replay.episode_files(parts / "episodes")[-1][1]
+    last.rename(tmp_path / last.name)
+    assert loop.checkpointed_episodes(episodes(3), ENV, parts, 3) is None
+    (tmp_path / last.name).rename(last)
+    # So does a checkpoint whose metadata cannot be read (in a copy: this run goes on).
+    copy = tmp_path / "copy"
+    shutil.copytree(parts, copy)
+    (copy / "checkpoints" / str(3 * num_envs) / "meta" / "metadata").write_text("{not json")
+    assert loop.checkpointed_episodes(episodes(3), ENV, copy, 3) is None
+    # A resume with a changed setting warns once, from the run that uses it.
+    changed = dataclasses.replace(episodes(rounds), train=dataclasses.replace(
+        episodes(rounds).train, max_skipped_updates=cfg.train.max_skipped_updates + 1))
+    with pytest.warns(rundir.ResumedWithChangesWarning) as caught:
+        loop.train(changed, ENV, parts, seed=3, progress=False)
+    assert len([w for w in caught if issubclass(w.category, rundir.ResumedWithChangesWarning)]) == 1
 
     expected, got = _episode_files(whole), _episode_files(parts)
     assert [name for name, _ in got] == [name for name, _ in expected]
