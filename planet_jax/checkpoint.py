@@ -163,22 +163,27 @@ class Checkpointer:
             with _quiet_absl():
                 restored = self._manager.restore(step, args=args)
         except Exception as err:  # orbax raises many types for missing or damaged files
+            # tensorstore appends a pointer to its own objects, which tells a user nothing
+            detail = re.sub(r"\.? *See full TensorStore details.*", "", (str(err).splitlines() or [""])[0])
             raise CheckpointError(f"checkpoint {self.directory / str(step)} cannot be read "
-                                  f"({type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]})"
-                                  ) from None
+                                  f"({type(err).__name__}: {detail[:200]})") from None
         # orbax returns plain tuples for NamedTuples (e.g. optax states): put the template's types back.
         leaves = jax.tree.leaves(restored.state)
         state = jax.tree.unflatten(jax.tree.structure(template), leaves)
         return state, dict(restored.meta)
 
-    def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict]:
+    def restore(self, template: Any, step: int | None = None, set_aside_unreadable: bool = False
+                ) -> tuple[Any, dict]:
         """Restores (state, meta) into the structure of `template`: of `step`, or by default of the
         newest checkpoint that can be read.
 
         By default a checkpoint that cannot be read (files missing or damaged, e.g. by a kill in the
         middle of writing it) is skipped with a `warnings.warn` naming it and the one restored
         instead; so is a newer write that never finished. A checkpoint that a killed `save` had set
-        aside to write its step again is put back first.
+        aside to write its step again is put back first. With `set_aside_unreadable` (for the one
+        process that writes here), the skipped unreadable ones are renamed `<step>.unreadable`, kept
+        for a look but no longer checkpoints: otherwise `keep` would count them, and the next saves
+        could delete the readable checkpoint restored here while keeping them.
 
         Raises:
           CheckpointError (one line) if there is no checkpoint, if `step` is given and cannot be
@@ -192,19 +197,40 @@ class Checkpointer:
         if not steps:
             raise CheckpointError(f"no checkpoint in {self.directory}" + (
                 f" (checkpoint {unfinished[-1]} was never finished)" if unfinished else ""))
-        skipped = [f"checkpoint {self.directory / str(s)}, whose write never finished" for s in unfinished]
+        skipped = [f"checkpoint {self.directory / str(s)} was never finished" for s in unfinished]
         errors = []
         for s in steps:
             try:
                 result = self._restore_step(template, s)
             except CheckpointError as err:
-                errors.append(err)
-                skipped.append(str(err))
+                errors.append((s, err))
                 continue
+            for unreadable, err in errors:
+                reason = str(err)
+                if set_aside_unreadable:
+                    aside = self._set_aside(unreadable)
+                    reason += f" (kept as {aside})" if aside else ""
+                skipped.append(reason)
             for reason in skipped:
-                warnings.warn(f"skipping {reason}; restoring checkpoint {s}", stacklevel=2)
+                warnings.warn(f"{reason}; restoring checkpoint {s}", stacklevel=2)
             return result
-        raise CheckpointError(f"no checkpoint in {self.directory} can be read; the latest: {errors[0]}")
+        raise CheckpointError(f"no checkpoint in {self.directory} can be read; the latest: {errors[0][1]}")
+
+    def _set_aside(self, step: int) -> Path | None:
+        """Renames checkpoint `step` to `<step>.unreadable` (`.unreadable2`, ... if taken); its new
+        path, or None if it could not be renamed (it then stays a checkpoint)."""
+        final = self.directory / str(step)
+        for n in range(1, 100):
+            aside = final.with_name(f"{step}.unreadable" + (str(n) if n > 1 else ""))
+            if aside.exists():
+                continue
+            try:
+                final.rename(aside)
+            except OSError:
+                return None
+            self._reload()
+            return aside
+        return None
 
     def close(self) -> None:
         self._manager.close()

@@ -153,7 +153,8 @@ def load_state(run: Run) -> LoopState:
         state = LoopState(train_state, jax.random.PRNGKey(run.seed + 1), 0, 0, 0, 0.0, memory.state_dict())
     else:
         try:
-            restored, meta = run.ckpt.restore(state_template(cfg, run.envs.action_dim))
+            restored, meta = run.ckpt.restore(state_template(cfg, run.envs.action_dim),
+                                              set_aside_unreadable=parallel.is_primary())
         except checkpoint.CheckpointError as err:
             raise RunError(str(err)) from None
         memory.load_state_dict(meta["replay_rng"])

@@ -58,9 +58,10 @@ def test_a_damaged_latest_checkpoint_is_skipped_with_a_warning(tmp_path, damage)
     ckpt = _saved(tmp_path, [1, 2])
     damage(tmp_path / "2")
     ckpt = checkpoint.Checkpointer(tmp_path)  # as a resumed run opens it
-    with pytest.warns(UserWarning, match=rf"skipping checkpoint {tmp_path / '2'} cannot be read \(.*\); "
-                                         r"restoring checkpoint 1$"):
+    with pytest.warns(UserWarning, match=rf"^checkpoint {tmp_path / '2'} cannot be read \(.*\); "
+                                         r"restoring checkpoint 1$") as caught:
         _assert_restored(ckpt, 1)
+    assert "TensorStore" not in str(caught[0].message) and "\n" not in str(caught[0].message)
     with pytest.raises(checkpoint.CheckpointError, match="cannot be read") as info:
         ckpt.restore(_state(0), step=2)
     assert "\n" not in str(info.value)
@@ -68,6 +69,26 @@ def test_a_damaged_latest_checkpoint_is_skipped_with_a_warning(tmp_path, damage)
     ckpt.save(2, _state(22), {"episode": 2})
     state, meta = ckpt.restore(_state(0))
     assert int(state["train"]["step"]) == 22 and _names(tmp_path) == ["1", "2"]
+
+
+def test_the_writer_sets_unreadable_checkpoints_aside_so_that_saves_keep_the_restored_one(tmp_path):
+    """A run that restores an older checkpoint may go on at a later step (its replay kept episodes
+    stored after it): the damaged newer one must not count towards `keep`."""
+    ckpt = _saved(tmp_path, [1, 2, 3])
+    _zero_files(tmp_path / "3" / "state")
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    with pytest.warns(UserWarning, match=rf"^checkpoint {tmp_path / '3'} cannot be read \(.*\) "
+                                         rf"\(kept as {tmp_path / '3.unreadable'}\); restoring checkpoint 2$"):
+        state, _ = ckpt.restore(_state(0), set_aside_unreadable=True)
+    assert int(state["train"]["step"]) == 2 and _names(tmp_path) == ["2", "3.unreadable"]
+    ckpt.save(4, _state(4), {"episode": 4})
+    assert _names(tmp_path) == ["2", "3.unreadable", "4"]
+    _assert_restored(ckpt, 4)
+    # A reader (evaluate) only skips: it never renames in a folder another process writes.
+    _zero_files(tmp_path / "4" / "state")
+    with pytest.warns(UserWarning, match="restoring checkpoint 2$"):
+        checkpoint.Checkpointer(tmp_path).restore(_state(0))
+    assert _names(tmp_path) == ["2", "3.unreadable", "4"]
 
 
 def test_no_readable_checkpoint_is_one_error_naming_the_latest(tmp_path):
@@ -175,8 +196,8 @@ def test_a_failed_write_then_a_kill_in_the_middle_of_a_save(tmp_path):
     assert error == f"cannot write checkpoint {tmp_path / '3'}: File too large (EFBIG)"
     assert _names(tmp_path) == ["1", "2", "3.orbax-checkpoint-tmp"]  # the killed write, unfinished
     ckpt = checkpoint.Checkpointer(tmp_path)
-    with pytest.warns(UserWarning, match=rf"^skipping checkpoint {tmp_path / '3'}, whose write never "
-                                         r"finished; restoring checkpoint 2$"):
+    with pytest.warns(UserWarning, match=rf"^checkpoint {tmp_path / '3'} was never finished; "
+                                         r"restoring checkpoint 2$"):
         _assert_restored(ckpt, 2)
     ckpt.save(3, _state(3), {"episode": 3})
     assert _names(tmp_path) == ["2", "3"]
