@@ -4,6 +4,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import shutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -75,6 +78,12 @@ def write_video(path: str | Path, frames: np.ndarray, fps: int = 20) -> Path:
     return path
 
 
+def clock(seconds: float) -> str:
+    """seconds as h:mm:ss (0:00:00 for negative times: time.time() may step back)."""
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 def round_line(record: dict[str, Any], total: int) -> str:
     """One line for a logged round (`loop.run_round`'s record) of a run of `total` episodes: the
     episode count, then those of the round's mean training return, mean test return, mean loss
@@ -86,9 +95,26 @@ def round_line(record: dict[str, Any], total: int) -> str:
     if "steps_per_second" in record:
         parts.append(f"{float(record['steps_per_second']):.1f} env steps/s")
     if "wall_time" in record:
-        seconds = max(0, int(record["wall_time"]))  # time.time() may step back
-        parts.append(f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}")
+        parts.append(clock(record["wall_time"]))
     return f"episode {int(record['episode'])}/{total}: " + ", ".join(parts)
+
+
+def bars_fit(stream=None) -> bool:
+    """Whether progress bars can be drawn on `stream` (default sys.stderr, where tqdm draws): a
+    terminal at least BAR_COLUMNS wide with room for both bars. A log file or a pipe would keep
+    every redraw, and tqdm draws nothing in a terminal that reports no size (some
+    pseudo-terminals: `script` without a terminal in front)."""
+    stream = sys.stderr if stream is None else stream
+    try:
+        size = os.get_terminal_size(stream.fileno())
+        return stream.isatty() and size.columns >= BAR_COLUMNS and size.lines >= 3
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+BAR_COLUMNS = 60
+# Columns a bar needs beside its label: percentage, counter, clock and rate.
+BAR_SPACE = 38
 
 
 class Progress:
@@ -141,8 +167,7 @@ class Progress:
             self._restart_episode_clock()
             self._clock_from_trained = True
         self._compiling = compiling
-        self._open_updates(count, "compiling the train step (minutes if its speed choices are not yet measured "
-                                  "here), then training" if compiling else "training")
+        self._open_updates(count, "compiling the train step" if compiling else "training")
 
     def updated(self, metrics: dict[str, Any]) -> None:
         """One update finished; `metrics` are its (possibly still computing) metrics. The loss is
@@ -169,11 +194,14 @@ class Progress:
         bar = self._updates if self._updates is not None else self._episodes
         if bar.disable:  # a disabled tqdm has no description
             if self._lines:
-                print(f"measuring speed choices (once per machine): {op} {key}", flush=True)
+                print(f"measuring speed choices once per machine: {op} {key}", flush=True)
             yield
             return
         desc = bar.desc
-        bar.set_description(f"measuring speed choices (once per machine): {op} {key}")
+        # The counter and clock must stay visible: the label gets what the terminal has beside them.
+        label = f"measuring speed choices once per machine: {op} {key}"
+        room = max(BAR_COLUMNS - BAR_SPACE, shutil.get_terminal_size().columns - BAR_SPACE)
+        bar.set_description(label if len(label) <= room else label[:room - 3] + "...")
         try:
             yield
         finally:

@@ -352,8 +352,9 @@ def train(cfg: config.Config, env: str | Callable, logdir: str | Path, seed: int
         zero-argument callable returning an `envs.Environment` (your own simulator).
       logdir: the run folder; created if needed, resumed if it holds this run.
       seed: the run's seed (parameters, keys, the replay's sampling, episode k's reset seed).
-      progress: show progress bars; False shows none, and process 0 prints a line per round and
-        per measured speed choice instead (`logger.Progress`'s lines).
+      progress: show progress bars where stderr is a terminal; False, or stderr a file or pipe,
+        shows none, and process 0 prints a line per round and per measured speed choice instead
+        (`logger.Progress`'s lines). Process 0 ends with a line saying what the folder holds.
     Raises:
       RunError (bad input or folder, exit code 2), NonFiniteError (exit code 1),
       replay.StorageError / checkpoint.CheckpointError when a file cannot be written.
@@ -372,14 +373,15 @@ def train(cfg: config.Config, env: str | Callable, logdir: str | Path, seed: int
         tc = run.cfg.train
         state = load_state(run)
         run.clock = (time.time(), state.wall_time)
-        show = progress and run.log is not None
+        # Bars only where a terminal shows them; a log file gets lines (`logger.Progress`).
+        show = progress and run.log is not None and logger.bars_fit()
         if state.episodes >= tc.episodes:
             if run.log is not None:
                 _say_complete(logdir, state.episodes, tc.episodes)
             return record
-        if show:
+        if run.log is not None:
             announce_cpu_cost(run.cfg)
-        lines = not progress and run.log is not None
+        lines = run.log is not None and not show
         with logger.Progress(tc.episodes, state.episodes, tc.seed_episodes, show, lines) as bar, \
                 autotune.reporting(bar.measuring):
             while state.episodes < tc.episodes and not stop:
@@ -394,6 +396,9 @@ def train(cfg: config.Config, env: str | Callable, logdir: str | Path, seed: int
     if stop:
         print(f"stopped by {stop.signal_name}: the last checkpoint holds {state.episodes} episodes in "
               f"{logdir}; run the same command to resume")
+    elif record and parallel.is_primary():
+        print(f"{logdir} holds {state.episodes} episodes ({state.updates} updates, wall time "
+              f"{logger.clock(state.wall_time)}); a larger --episodes continues the run")
     return record
 
 

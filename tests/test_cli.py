@@ -40,6 +40,7 @@ def test_train_resume_stop_and_evaluate(tmp_path):
     rounds = [line for line in first.stdout.splitlines() if line.startswith("episode ")]  # --no-progress
     assert [line.split(":")[0] for line in rounds] == ["episode 1/3", "episode 2/3", "episode 3/3"]
     assert "test return" in rounds[2] and "loss" in rounds[2] and "loss" not in rounds[0]
+    assert first.stdout.splitlines()[-1].startswith(f"{logdir} holds 3 episodes (5 updates, wall time 0:")
     records = _records(logdir)
     assert [r["episode"] for r in records] == [1, 2, 3]
     assert records[-1]["updates"] == 5 and "test_return" in records[-1] and "image_loss" in records[-1]

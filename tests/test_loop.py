@@ -163,14 +163,21 @@ def test_a_run_folder_written_before_the_loop_state_still_resumes(tmp_path):
     assert replay.Replay(logdir / "episodes", 0).load() == 4
 
 
-def test_progress_clocks_leave_out_the_compile_and_name_what_is_measured(capsys):
+def test_progress_clocks_leave_out_the_compile_and_name_what_is_measured(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "160")
     with logger.Progress(total=4, done=1, seed_episodes=1) as progress:
         progress.start_updates(3, compiling=True)
         assert progress._updates.desc.startswith("compiling the train step")
         with progress.measuring("ops.conv_s2", "x2x31x31x16 k4 o32 float32 forward"):
-            assert progress._updates.desc == ("measuring speed choices (once per machine): "
+            assert progress._updates.desc == ("measuring speed choices once per machine: "
                                               "ops.conv_s2 x2x31x31x16 k4 o32 float32 forward: ")
             time.sleep(0.3)  # the search and the compile
+        # In 80 columns the label leaves the bar its counter and clock.
+        monkeypatch.setenv("COLUMNS", "80")
+        with progress.measuring("ops.conv_s2", "x2x31x31x16 k4 o32 float32 forward"):
+            assert progress._updates.desc == "measuring speed choices once per machin...: "
+            assert len(progress._updates.desc) + logger.BAR_SPACE <= 80 + len(": ")
+        monkeypatch.setenv("COLUMNS", "160")
         assert progress._updates.desc.startswith("compiling the train step")
         progress.updated({"loss": 1.0})
         # The rates count from the end of the first update: the compile is not in the time left.
@@ -188,6 +195,25 @@ def test_progress_clocks_leave_out_the_compile_and_name_what_is_measured(capsys)
         with progress.measuring("planner.batching", "key"):
             assert "planner.batching" in progress._episodes.desc
         assert "planner.batching" not in progress._episodes.desc
+
+
+@pytest.mark.parametrize("columns, rows, fit", [(100, 30, True), (100, 0, False), (0, 0, False), (40, 30, False)])
+def test_bars_only_where_a_terminal_shows_them(tmp_path, columns, rows, fit):
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+    leader, follower = pty.openpty()
+    try:
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+        with open(follower, "w", closefd=False) as terminal:
+            assert logger.bars_fit(terminal) is fit
+    finally:
+        os.close(leader)
+        os.close(follower)
+    with open(tmp_path / "log", "w") as log_file:
+        assert not logger.bars_fit(log_file)
 
 
 def test_disabled_progress_takes_measurement_reports_silently(capsys):
@@ -215,7 +241,7 @@ def test_without_bars_lines_say_each_round_and_measurement(capsys):
         progress.finished_round(record)
         progress.finished_round({"episode": 13, "train_return": -2.0, "wall_time": 59.99})
     assert capsys.readouterr().out.splitlines() == [
-        "measuring speed choices (once per machine): ops.conv_s2 x64 forward",
+        "measuring speed choices once per machine: ops.conv_s2 x64 forward",
         "episode 12/80: return 345.2, test return 401.2, loss 12.35, 140.1 env steps/s, 1:10:32",
         "episode 13/80: return -2.0, 0:00:59"]
     with logger.Progress(total=80, done=11, seed_episodes=5, lines=True) as progress:  # bars: no lines
