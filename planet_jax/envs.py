@@ -142,9 +142,11 @@ def _resolve(name: str) -> tuple[str, str]:
         return _TASKS[name]
     except KeyError:
         close = difflib.get_close_matches(name, task_names(), n=1)
-        guess = f" (did you mean {close[0]!r}?)" if close else ""
+        if close:  # a typo: the guess, without the whole list of tasks burying it
+            raise UnknownTaskError(f"unknown task {name!r}: did you mean {close[0]!r}? "
+                                   f"(or {GYM_PREFIX}<Gymnasium id>)") from None
         raise UnknownTaskError(
-            f"unknown task {name!r}{guess}; valid names: {', '.join(task_names())}, "
+            f"unknown task {name!r}; valid names: {', '.join(task_names())}, "
             f"or {GYM_PREFIX}<Gymnasium id>") from None
 
 
