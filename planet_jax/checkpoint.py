@@ -208,29 +208,26 @@ class Checkpointer:
             for unreadable, err in errors:
                 reason = str(err)
                 if set_aside_unreadable:
-                    aside = self._set_aside(unreadable)
-                    reason += f" (kept as {aside})" if aside else ""
+                    reason += f" ({self._set_aside(unreadable)})"
                 skipped.append(reason)
             for reason in skipped:
                 warnings.warn(f"{reason}; restoring checkpoint {s}", stacklevel=2)
             return result
         raise CheckpointError(f"no checkpoint in {self.directory} can be read; the latest: {errors[0][1]}")
 
-    def _set_aside(self, step: int) -> Path | None:
-        """Renames checkpoint `step` to `<step>.unreadable` (`.unreadable2`, ... if taken); its new
-        path, or None if it could not be renamed (it then stays a checkpoint)."""
+    def _set_aside(self, step: int) -> str:
+        """Renames checkpoint `step` to `<step>.unreadable` (`.unreadable2`, ... if taken); says
+        where it went, or why it stays a checkpoint (then counted by `keep` as before)."""
         final = self.directory / str(step)
-        for n in range(1, 100):
-            aside = final.with_name(f"{step}.unreadable" + (str(n) if n > 1 else ""))
-            if aside.exists():
-                continue
-            try:
-                final.rename(aside)
-            except OSError:
-                return None
-            self._reload()
-            return aside
-        return None
+        n = 1
+        while (aside := final.with_name(f"{step}.unreadable" + (str(n) if n > 1 else ""))).exists():
+            n += 1
+        try:
+            final.rename(aside)
+        except OSError as err:
+            return f"not set aside: {err.strerror or err}"
+        self._reload()
+        return f"kept as {aside}"
 
     def close(self) -> None:
         self._manager.close()

@@ -71,7 +71,7 @@ def test_a_damaged_latest_checkpoint_is_skipped_with_a_warning(tmp_path, damage)
     assert int(state["train"]["step"]) == 22 and _names(tmp_path) == ["1", "2"]
 
 
-def test_the_writer_sets_unreadable_checkpoints_aside_so_that_saves_keep_the_restored_one(tmp_path):
+def test_the_writer_sets_unreadable_checkpoints_aside_so_that_saves_keep_the_restored_one(tmp_path, monkeypatch):
     """A run that restores an older checkpoint may go on at a later step (its replay kept episodes
     stored after it): the damaged newer one must not count towards `keep`."""
     ckpt = _saved(tmp_path, [1, 2, 3])
@@ -84,11 +84,24 @@ def test_the_writer_sets_unreadable_checkpoints_aside_so_that_saves_keep_the_res
     ckpt.save(4, _state(4), {"episode": 4})
     assert _names(tmp_path) == ["2", "3.unreadable", "4"]
     _assert_restored(ckpt, 4)
+    # Damaged again: the next free name; a rename that fails says so, and the step stays.
+    _zero_files(tmp_path / "4" / "state")
+    (tmp_path / "4.unreadable").mkdir()
+    with pytest.warns(UserWarning, match=rf"\(kept as {tmp_path / '4.unreadable2'}\); restoring checkpoint 2$"):
+        checkpoint.Checkpointer(tmp_path).restore(_state(0), set_aside_unreadable=True)
+    ckpt = checkpoint.Checkpointer(tmp_path)
+    ckpt.save(4, _state(4), {"episode": 4})
+    _zero_files(tmp_path / "4" / "state")
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint.Path, "rename", lambda *a: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+        with pytest.warns(UserWarning, match=r"\(not set aside: Permission denied\); restoring checkpoint 2$"):
+            checkpoint.Checkpointer(tmp_path).restore(_state(0), set_aside_unreadable=True)
+    assert _names(tmp_path) == ["2", "3.unreadable", "4", "4.unreadable", "4.unreadable2"]
     # A reader (evaluate) only skips: it never renames in a folder another process writes.
     _zero_files(tmp_path / "4" / "state")
-    with pytest.warns(UserWarning, match="restoring checkpoint 2$"):
+    with pytest.warns(UserWarning, match=r"cannot be read \(.*\); restoring checkpoint 2$"):
         checkpoint.Checkpointer(tmp_path).restore(_state(0))
-    assert _names(tmp_path) == ["2", "3.unreadable", "4"]
+    assert _names(tmp_path) == ["2", "3.unreadable", "4", "4.unreadable", "4.unreadable2"]
 
 
 def test_no_readable_checkpoint_is_one_error_naming_the_latest(tmp_path):
