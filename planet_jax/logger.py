@@ -113,7 +113,15 @@ def bars_fit(stream=None) -> bool:
 
 
 BAR_COLUMNS = 60
-# Columns a bar needs beside its label: percentage, counter, clock and rate.
+
+
+def _columns() -> int:
+    """The width of the terminal tqdm draws on (stderr), else $COLUMNS or 80."""
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns or shutil.get_terminal_size().columns
+    except (AttributeError, OSError, ValueError):
+        return shutil.get_terminal_size().columns
+# Columns a compiling bar needs beside its label: percentage, counter, clock and rate.
 BAR_SPACE = 38
 
 
@@ -132,8 +140,9 @@ class Progress:
       total: episodes the run will reach (train.episodes).
       done: episodes already collected.
       seed_episodes: S; rounds before S episodes exist do not count towards the estimate.
-      enabled: False shows no bars (--no-progress, or a process other than 0).
-      lines: with enabled False, print the lines above (--no-progress on process 0).
+      enabled: False shows no bars (--no-progress, stderr not a terminal (`bars_fit`), or a
+        process other than 0).
+      lines: with enabled False, print the lines above (process 0 without bars).
     """
 
     def __init__(self, total: int, done: int, seed_episodes: int, enabled: bool = True, lines: bool = False):
@@ -194,13 +203,14 @@ class Progress:
         bar = self._updates if self._updates is not None else self._episodes
         if bar.disable:  # a disabled tqdm has no description
             if self._lines:
-                print(f"measuring speed choices once per machine: {op} {key}", flush=True)
+                print(f"measuring speed choices (once per machine): {op} {key}", flush=True)
             yield
             return
         desc = bar.desc
-        # The counter and clock must stay visible: the label gets what the terminal has beside them.
-        label = f"measuring speed choices once per machine: {op} {key}"
-        room = max(BAR_COLUMNS - BAR_SPACE, shutil.get_terminal_size().columns - BAR_SPACE)
+        # The counter and clock of a compiling bar must stay visible: the label gets what the
+        # terminal has beside them, the choice's name first.
+        label = f"measuring {op} {key} (once per machine)"
+        room = max(BAR_COLUMNS, _columns()) - BAR_SPACE
         bar.set_description(label if len(label) <= room else label[:room - 3] + "...")
         try:
             yield

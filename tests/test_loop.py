@@ -2,6 +2,7 @@
 uninterrupted one."""
 import dataclasses
 import json
+import os
 import shutil
 import time
 import warnings
@@ -127,6 +128,20 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch, capsys):
     shutil.copytree(parts, copy)
     (copy / "checkpoints" / str(3 * num_envs) / "meta" / "metadata").write_text("{not json")
     assert loop.checkpointed_episodes(episodes(3), ENV, copy, 3) is None
+    # Resumed, the copy goes on from the checkpoint before with all 6 episodes; the damaged one is
+    # set aside, so the next save keeps the checkpoint it restored. Without bars (stderr is not a
+    # terminal here) process 0 prints a line per round.
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match=r"kept as .*6\.unreadable\); restoring checkpoint 4$"):
+        loop.train(episodes(4), ENV, copy, seed=3, progress=True)
+    assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["4", "6.unreadable", "8"]
+    assert capsys.readouterr().out.splitlines()[0].startswith("episode 8/8: return ")
+    # A folder that cannot be searched (Path.exists would raise there) is left to the full path.
+    real_stat = os.stat
+    with monkeypatch.context() as m:
+        m.setattr(os, "stat", lambda path, *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied"))
+                  if str(path).startswith(str(copy)) else real_stat(path, *a, **k))
+        assert loop.checkpointed_episodes(episodes(4), ENV, copy, 3) is None
     # A resume with a changed setting warns once, from the run that uses it.
     changed = dataclasses.replace(episodes(rounds), train=dataclasses.replace(
         episodes(rounds).train, max_skipped_updates=cfg.train.max_skipped_updates + 1))
@@ -169,14 +184,13 @@ def test_progress_clocks_leave_out_the_compile_and_name_what_is_measured(capsys,
         progress.start_updates(3, compiling=True)
         assert progress._updates.desc.startswith("compiling the train step")
         with progress.measuring("ops.conv_s2", "x2x31x31x16 k4 o32 float32 forward"):
-            assert progress._updates.desc == ("measuring speed choices once per machine: "
-                                              "ops.conv_s2 x2x31x31x16 k4 o32 float32 forward: ")
+            assert progress._updates.desc == ("measuring ops.conv_s2 x2x31x31x16 k4 o32 float32 forward "
+                                              "(once per machine): ")
             time.sleep(0.3)  # the search and the compile
         # In 80 columns the label leaves the bar its counter and clock.
         monkeypatch.setenv("COLUMNS", "80")
         with progress.measuring("ops.conv_s2", "x2x31x31x16 k4 o32 float32 forward"):
-            assert progress._updates.desc == "measuring speed choices once per machin...: "
-            assert len(progress._updates.desc) + logger.BAR_SPACE <= 80 + len(": ")
+            assert progress._updates.desc == "measuring ops.conv_s2 x2x31x31x16 k4 o3...: "
         monkeypatch.setenv("COLUMNS", "160")
         assert progress._updates.desc.startswith("compiling the train step")
         progress.updated({"loss": 1.0})
@@ -199,11 +213,8 @@ def test_progress_clocks_leave_out_the_compile_and_name_what_is_measured(capsys,
 
 @pytest.mark.parametrize("columns, rows, fit", [(100, 30, True), (100, 0, False), (0, 0, False), (40, 30, False)])
 def test_bars_only_where_a_terminal_shows_them(tmp_path, columns, rows, fit):
-    import fcntl
-    import os
-    import pty
     import struct
-    import termios
+    pty, fcntl, termios = (pytest.importorskip(name) for name in ("pty", "fcntl", "termios"))
     leader, follower = pty.openpty()
     try:
         fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
@@ -241,7 +252,7 @@ def test_without_bars_lines_say_each_round_and_measurement(capsys):
         progress.finished_round(record)
         progress.finished_round({"episode": 13, "train_return": -2.0, "wall_time": 59.99})
     assert capsys.readouterr().out.splitlines() == [
-        "measuring speed choices once per machine: ops.conv_s2 x64 forward",
+        "measuring speed choices (once per machine): ops.conv_s2 x64 forward",
         "episode 12/80: return 345.2, test return 401.2, loss 12.35, 140.1 env steps/s, 1:10:32",
         "episode 13/80: return -2.0, 0:00:59"]
     with logger.Progress(total=80, done=11, seed_episodes=5, lines=True) as progress:  # bars: no lines
