@@ -213,7 +213,7 @@ class Tuner:
             return default if pin == "default" else pin
         if not self.search or (gflop is not None and gflop < MIN_SEARCH_GFLOP):
             return default
-        entry = self._read().get(self.machine, {}).get(op, {}).get(key)
+        entry = _dict(_dict(self._read().get(self.machine)).get(op)).get(key)
         stored = entry.get("seconds") if isinstance(entry, dict) else None
         # Cached timings are decided again under today's rule (min_gain, calls); a shape timed before
         # a candidate existed (one missing from its timings) is measured again.
@@ -274,7 +274,8 @@ class Tuner:
                 if fcntl is not None:
                     fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
                 entries = self._read()
-                by_key = entries.setdefault(self.machine, {}).setdefault(op, {})
+                mine = entries[self.machine] = _dict(entries.get(self.machine))
+                by_key = mine[op] = _dict(mine.get(op))  # a hand-edited non-dict is rewritten
                 base, rev = revision(key)
                 # Earlier revisions of this key only: code of an older revision that shares the
                 # file (another checkout, a second environment) keeps its own entries.
@@ -287,6 +288,10 @@ class Tuner:
             if not quiet:
                 warnings.warn(f"autotune cache {self.path} not written ({err}); the choice is not remembered",
                               AutotuneWarning)
+
+
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
 
 
 def revision(key: str) -> tuple[str, int]:
@@ -322,4 +327,4 @@ def choices(tuner: Tuner | None = None) -> dict[str, dict[str, Any]]:
     """This machine's cached choices, {op: {shape key: {'choice', 'seconds'}}} (for reports),
     without entries superseded by a later revision of their key."""
     tuner = tuner or Tuner()
-    return {op: _current(by_key) for op, by_key in tuner._read().get(tuner.machine, {}).items()}
+    return {op: _current(by_key) for op, by_key in _dict(tuner._read().get(tuner.machine)).items()}

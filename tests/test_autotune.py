@@ -233,6 +233,15 @@ def test_a_corrupt_cache_is_ignored_with_a_warning_and_rewritten(tmp_path, text)
     assert json.loads(path.read_text())["entries"]["test machine"]["op"]["k"]["choice"] == "b"
 
 
+@pytest.mark.parametrize("mine", [[1, 2], {"op": "edited"}, {"op": {"k": 3}}])
+def test_a_hand_edited_entry_is_measured_again_and_rewritten(tmp_path, mine):
+    path = tmp_path / "cache" / "autotune.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"version": autotune.CACHE_VERSION, "entries": {"test machine": mine}}))
+    assert tuner(tmp_path, FakeTimer({"a": 2.0, "b": 1.0, "c": 3.0})).choose("op", "k", CANDIDATES, "a") == "b"
+    assert json.loads(path.read_text())["entries"]["test machine"]["op"]["k"]["choice"] == "b"
+
+
 def test_an_unwritable_cache_warns_and_still_chooses(tmp_path):
     (tmp_path / "cache").write_text("a file where the folder should be")
     with pytest.warns(autotune.AutotuneWarning, match="not written"):
