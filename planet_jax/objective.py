@@ -107,6 +107,10 @@ IMAGE_GROUP_MIN_GAIN = 0.1
 # formulations) have changed, so that group sizes timed with the old layers are timed again: r2,
 # conv_s2's 'mixed' became windows of paired rows.
 _GROUP_REVISION = " r2"
+# The layer passes' revisions (`ops._PASS_REVISION`) that _GROUP_REVISION was last weighed against:
+# a test fails when they differ, so that a revised layer default is not missed here.
+_GROUP_REVISION_LAYERS = {("conv_transpose_s2", "gradients"): " r2", ("conv_s2", "forward"): " r2",
+                          ("conv_s2", "gradients"): " r2"}
 
 
 def image_group(cfg: ModelConfig, batch: int, length: int, tuner: autotune.Tuner | None = None) -> int:

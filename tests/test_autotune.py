@@ -389,6 +389,14 @@ def test_layers_report_their_work_to_the_search(monkeypatch):
         assert seen[gradients(key, kind)] == pytest.approx(2 * gflop), key
 
 
+def test_the_image_group_revision_was_weighed_against_the_current_layer_revisions():
+    """The group candidates run every layer at its default formulation: when a layer pass's
+    revision changes, its timings may be stale too."""
+    assert objective._GROUP_REVISION_LAYERS == ops._PASS_REVISION, (
+        "ops._PASS_REVISION changed: if a layer's default ('mixed') formulation changed, bump "
+        "objective._GROUP_REVISION; either way set objective._GROUP_REVISION_LAYERS to the new revisions")
+
+
 def test_image_group_is_the_fastest_over_the_same_sequences_or_the_pin(tmp_path, monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     cfg = tiny_model()
