@@ -86,7 +86,8 @@ def plot(groups: dict[str, list[list[dict]]], out: Path, random_return: float | 
                 axes[2].plot(c["x"], c["mean"], style, color=color, label=f"{task} {term}")
     for ax, xlabel in zip(axes, ("episode", "environment steps", "episode")):
         ax.set_xlabel(xlabel)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no episode 6.2 on a short run
+        if xlabel == "episode":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no episode 6.2 on a short run
         ax.grid(alpha=0.3)
     for ax in axes[:2]:
         ax.set_ylabel("return")

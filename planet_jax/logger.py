@@ -87,13 +87,14 @@ def clock(seconds: float) -> str:
 def round_line(record: dict[str, Any], total: int) -> str:
     """One line for a logged round (`loop.run_round`'s record) of a run of `total` episodes: the
     episode count, then those of the round's mean training return, mean test return, mean loss
-    (nats, the negative bound), environment steps per second and the run's wall time (h:mm:ss,
-    all its invocations) that the record holds."""
+    (nats, the negative bound), environment steps per second of the round's whole time (updates
+    and compiles included) and the run's wall time (h:mm:ss, all its invocations) that the record
+    holds."""
     parts = [f"return {float(record['train_return']):.1f}"] if "train_return" in record else []
     parts += [f"{label} {float(record[k]):.{digits}f}" for k, label, digits in
               (("test_return", "test return", 1), ("loss", "loss", 2)) if k in record]
-    if "steps_per_second" in record:
-        parts.append(f"{float(record['steps_per_second']):.1f} env steps/s")
+    if "steps_per_second" in record:  # the round's environment steps over all its time
+        parts.append(f"{float(record['steps_per_second']):.1f} env steps/s overall")
     if "wall_time" in record:
         parts.append(clock(record["wall_time"]))
     return f"episode {int(record['episode'])}/{total}: " + ", ".join(parts)
@@ -134,7 +135,7 @@ class Progress:
 
     Without bars (a log file, a batch job), `lines` prints one line per logged round and per
     measured speed choice to stdout instead, e.g.
-    "episode 12/80: return 345.2, test return 401.3, loss 12.50, 140.1 env steps/s, 0:10:32".
+    "episode 12/80: return 345.2, test return 401.3, loss 12.50, 14.1 env steps/s overall, 0:10:32".
 
     Args:
       total: episodes the run will reach (train.episodes).
@@ -159,9 +160,13 @@ class Progress:
         return self._tqdm(disable=not self._enabled, dynamic_ncols=True, **kwargs)
 
     def _restart_episode_clock(self) -> None:
-        done = self._episodes.n
-        self._episodes.close()
-        self._episodes = self._bar(total=self._total, initial=done, unit="ep", position=0)
+        # In place: a bar closed and opened again would leave its last line on the screen.
+        bar, done = self._episodes, self._episodes.n
+        postfix = bar.postfix
+        bar.reset(total=self._total)  # the clock and the rate's averages; n back to 0
+        bar.initial = bar.n = bar.last_print_n = done
+        bar.postfix = postfix
+        bar.refresh()
 
     def _open_updates(self, total: int, desc: str, initial: int = 0) -> None:
         if self._updates is not None:

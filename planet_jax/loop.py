@@ -380,6 +380,8 @@ def train(cfg: config.Config, env: str | Callable, logdir: str | Path, seed: int
                 _say_complete(logdir, state.episodes, tc.episodes)
             return record
         if run.log is not None:
+            if state.episodes:
+                print(f"resuming {logdir}: {state.episodes} episodes, {state.updates} updates so far", flush=True)
             announce_cpu_cost(run.cfg)
         lines = run.log is not None and not show
         with logger.Progress(tc.episodes, state.episodes, tc.seed_episodes, show, lines) as bar, \

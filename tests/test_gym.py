@@ -147,5 +147,5 @@ def test_pendulum_trains_resumes_and_evaluates_through_the_cli(tmp_path, capsys)
     assert records[-1]["env_steps"] == 4 * 100  # tiny: 100 of Pendulum's 200 steps, R = 2
     assert len(list((logdir / "episodes").glob("episode_*_51.npz"))) == 4
     assert evaluate_cli.main(["--logdir", str(logdir), "--episodes", "1"]) == 0
-    assert "return over 1 episodes" in capsys.readouterr().out
+    assert "return over 1 episode: mean" in capsys.readouterr().out
     assert (logdir / "videos" / "eval_000.mp4").stat().st_size > 0

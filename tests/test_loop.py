@@ -135,7 +135,9 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch, capsys):
     with pytest.warns(UserWarning, match=r"kept as .*6\.unreadable\); restoring checkpoint 4$"):
         loop.train(episodes(4), ENV, copy, seed=3, progress=True)
     assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["4", "6.unreadable", "8"]
-    assert capsys.readouterr().out.splitlines()[0].startswith("episode 8/8: return ")
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"resuming {copy}: 6 episodes, 5 updates so far"  # checkpoint 4's updates
+    assert printed[1].startswith("episode 8/8: return ") and "env steps/s overall" in printed[1]
     # A folder that cannot be searched (Path.exists would raise there) is left to the full path.
     real_stat = os.stat
     with monkeypatch.context() as m:
@@ -193,8 +195,11 @@ def test_progress_clocks_leave_out_the_compile_and_name_what_is_measured(capsys,
             assert progress._updates.desc == "measuring ops.conv_s2 x2x31x31x16 k4 o3...: "
         monkeypatch.setenv("COLUMNS", "160")
         assert progress._updates.desc.startswith("compiling the train step")
+        episodes = progress._episodes
         progress.updated({"loss": 1.0})
         # The rates count from the end of the first update: the compile is not in the time left.
+        # The episode bar restarts its clock in place (a new bar would leave the old one's line).
+        assert progress._episodes is episodes and episodes.format_dict["initial"] == 1
         for bar in (progress._updates, progress._episodes):
             meter = bar.format_dict
             assert meter["elapsed"] < 0.2, meter
@@ -253,7 +258,7 @@ def test_without_bars_lines_say_each_round_and_measurement(capsys):
         progress.finished_round({"episode": 13, "train_return": -2.0, "wall_time": 59.99})
     assert capsys.readouterr().out.splitlines() == [
         "measuring speed choices (once per machine): ops.conv_s2 x64 forward",
-        "episode 12/80: return 345.2, test return 401.2, loss 12.35, 140.1 env steps/s, 1:10:32",
+        "episode 12/80: return 345.2, test return 401.2, loss 12.35, 140.1 env steps/s overall, 1:10:32",
         "episode 13/80: return -2.0, 0:00:59"]
     with logger.Progress(total=80, done=11, seed_episodes=5, lines=True) as progress:  # bars: no lines
         progress.finished_round(record)
