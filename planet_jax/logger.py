@@ -163,6 +163,7 @@ class Progress:
         # In place: a bar closed and opened again would leave its last line on the screen.
         bar, done = self._episodes, self._episodes.n
         postfix = bar.postfix
+        bar.initial = 0  # reset draws n = 0 once: with the old initial that read as a negative rate
         bar.reset(total=self._total)  # the clock and the rate's averages; n back to 0
         bar.initial = bar.n = bar.last_print_n = done
         bar.postfix = postfix
