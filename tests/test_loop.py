@@ -207,6 +207,7 @@ def test_progress_clocks_leave_out_the_compile_and_name_what_is_measured(capsys,
         assert progress._episodes.n == 1 and progress._updates.desc == "training"
         shown = capsys.readouterr().err.replace("\r", "\n").splitlines()
         assert not [line for line in shown if "compiling" in line and "1/3" in line]  # no estimate with the compile
+        assert not [line for line in shown if "<-" in line]  # a restart drawn with a negative rate and time left
         progress.updated({"loss": 1.0})
         assert progress._updates.n == 2 and progress._updates.format_dict["initial"] == 1  # restarted once
         # With no update bar open (after a round) the episode bar names the measurement.
