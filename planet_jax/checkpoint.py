@@ -92,8 +92,14 @@ class Checkpointer:
             with _quiet_absl():
                 return dict(self._manager.restore(step, args=args).meta)
         except Exception as err:  # orbax raises many types for missing or damaged files
-            raise CheckpointError(f"checkpoint {self.directory / str(step)} cannot be read "
-                                  f"({type(err).__name__})") from None
+            raise self._unreadable(step, err) from None
+
+    def _unreadable(self, step: int, err: Exception) -> CheckpointError:
+        """'checkpoint <path> cannot be read (<type>: <first line of err>)', one line."""
+        # tensorstore appends a pointer to its own objects, which tells a user nothing
+        detail = re.sub(r"\.? *See full TensorStore details.*", "", (str(err).splitlines() or [""])[0])
+        return CheckpointError(f"checkpoint {self.directory / str(step)} cannot be read "
+                               f"({type(err).__name__}: {detail[:200]})")
 
     def _leftovers(self, pattern: re.Pattern) -> dict[int, Path]:
         """Step -> folder in `directory` whose name matches `pattern` (unfinished or set aside)."""
@@ -163,10 +169,7 @@ class Checkpointer:
             with _quiet_absl():
                 restored = self._manager.restore(step, args=args)
         except Exception as err:  # orbax raises many types for missing or damaged files
-            # tensorstore appends a pointer to its own objects, which tells a user nothing
-            detail = re.sub(r"\.? *See full TensorStore details.*", "", (str(err).splitlines() or [""])[0])
-            raise CheckpointError(f"checkpoint {self.directory / str(step)} cannot be read "
-                                  f"({type(err).__name__}: {detail[:200]})") from None
+            raise self._unreadable(step, err) from None
         # orbax returns plain tuples for NamedTuples (e.g. optax states): put the template's types back.
         leaves = jax.tree.leaves(restored.state)
         state = jax.tree.unflatten(jax.tree.structure(template), leaves)
