@@ -100,30 +100,33 @@ def round_line(record: dict[str, Any], total: int) -> str:
     return f"episode {int(record['episode'])}/{total}: " + ", ".join(parts)
 
 
+# Progress bars need a terminal at least this wide, and a compiling bar this many columns beside
+# its label (percentage, counter, clock and rate).
+BAR_COLUMNS = 60
+BAR_SPACE = 38
+
+
+def _terminal_size(stream) -> os.terminal_size | None:
+    """The size of the terminal `stream` writes to; None for a file, a pipe or a closed stream."""
+    try:
+        return os.get_terminal_size(stream.fileno()) if stream.isatty() else None
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 def bars_fit(stream=None) -> bool:
     """Whether progress bars can be drawn on `stream` (default sys.stderr, where tqdm draws): a
     terminal at least BAR_COLUMNS wide with room for both bars. A log file or a pipe would keep
     every redraw, and tqdm draws nothing in a terminal that reports no size (some
     pseudo-terminals: `script` without a terminal in front)."""
-    stream = sys.stderr if stream is None else stream
-    try:
-        size = os.get_terminal_size(stream.fileno())
-        return stream.isatty() and size.columns >= BAR_COLUMNS and size.lines >= 3
-    except (AttributeError, OSError, ValueError):
-        return False
-
-
-BAR_COLUMNS = 60
+    size = _terminal_size(sys.stderr if stream is None else stream)
+    return size is not None and size.columns >= BAR_COLUMNS and size.lines >= 3
 
 
 def _columns() -> int:
     """The width of the terminal tqdm draws on (stderr), else $COLUMNS or 80."""
-    try:
-        return os.get_terminal_size(sys.stderr.fileno()).columns or shutil.get_terminal_size().columns
-    except (AttributeError, OSError, ValueError):
-        return shutil.get_terminal_size().columns
-# Columns a compiling bar needs beside its label: percentage, counter, clock and rate.
-BAR_SPACE = 38
+    size = _terminal_size(sys.stderr)
+    return size.columns if size and size.columns else shutil.get_terminal_size().columns
 
 
 class Progress:
