@@ -21,7 +21,8 @@ def main(argv=None) -> int:
         from planet_jax import loop, runtime
         runtime.use_compilation_cache()
         returns = loop.evaluate(args.logdir, args.episodes, args.seed)
-        print(f"return over {len(returns)} episode{'s' if len(returns) > 1 else ''}: mean {np.mean(returns):.1f} std {np.std(returns):.1f}"
+        episodes = f"{len(returns)} episode{'s' if len(returns) > 1 else ''}"
+        print(f"return over {episodes}: mean {np.mean(returns):.1f} std {np.std(returns):.1f}"
               f" (videos in {args.logdir}/videos/eval_*.mp4)")
     return 0
 

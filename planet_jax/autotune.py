@@ -311,11 +311,11 @@ def _current(by_key: Any) -> Any:
     not a dict of entries is returned as it is)."""
     if not isinstance(by_key, dict):
         return by_key
+    revisions = {key: revision(key) for key in by_key}
     latest: dict[str, int] = {}
-    for key in by_key:
-        base, rev = revision(key)
+    for base, rev in revisions.values():
         latest[base] = max(latest.get(base, rev), rev)
-    return {key: entry for key, entry in by_key.items() if latest[revision(key)[0]] == revision(key)[1]}
+    return {key: entry for key, entry in by_key.items() if latest[revisions[key][0]] == revisions[key][1]}
 
 
 def _is_timing(value: Any) -> bool:

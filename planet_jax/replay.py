@@ -207,9 +207,6 @@ class Replay:
         """Agent steps stored: sum over episodes of rows - 1."""
         return sum(self._rows) - len(self._rows)
 
-    def _files(self) -> list[tuple[int, Path]]:
-        return episode_files(self.directory)
-
     def load(self) -> int:
         """Loads every episode file in the directory in index order; returns how many loaded.
 
@@ -217,7 +214,7 @@ class Replay:
         index found, corrupt files included, so none is overwritten.
         """
         loaded = 0
-        for index, path in self._files():
+        for index, path in episode_files(self.directory):
             self._next_index = max(self._next_index, index + 1)
             try:
                 episode = load_episode(path)
