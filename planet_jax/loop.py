@@ -365,8 +365,8 @@ def train(cfg: config.Config, env: str | Callable, logdir: str | Path, seed: int
     """
     cfg.validate()
     record: dict[str, Any] = {}
-    held = checkpointed_episodes(cfg, env, logdir, seed)
-    if held is not None and held >= cfg.train.episodes:
+    held = episodes_if_complete(cfg, env, logdir, seed)
+    if held is not None:
         _say_complete(logdir, held, cfg.train.episodes)
         return record
     with open_run(cfg, env, logdir, seed) as run, runtime.StopFlag() as stop:
@@ -404,22 +404,26 @@ def train(cfg: config.Config, env: str | Callable, logdir: str | Path, seed: int
     return record
 
 
-def checkpointed_episodes(cfg: config.Config, env: str | Callable, logdir: str | Path, seed: int) -> int | None:
-    """The episode count saved with the last checkpoint of this run in `logdir`, if the episodes
-    folder holds at least that many episode files; read without starting environments, restoring
-    parameters or loading the replay, so that asking a complete run for no more episodes answers
-    at once. None (let the full path decide) if the folder holds no run or no checkpoint yet, the
-    checkpoint's metadata cannot be read, files are missing, or several processes run.
+def episodes_if_complete(cfg: config.Config, env: str | Callable, logdir: str | Path, seed: int) -> int | None:
+    """The episode count saved with the last checkpoint of this run in `logdir` if it is at least
+    train.episodes and the episodes folder holds that many episode files; read without starting
+    environments, restoring parameters or loading the replay, so that asking a complete run for no
+    more episodes answers at once. None (let the full path decide) otherwise: a folder with no run,
+    no checkpoint or fewer episode files yet (an incomplete run, looked at no further), metadata
+    that cannot be read, or several processes.
 
     Neither the checkpoint's arrays nor the episodes are read: damage there is found, as before, by
     the next command that reads them (a larger --episodes, evaluate).
 
-    Raises RunError (one line) for a folder in use or of another run, as `train` does.
+    Raises RunError (one line) for a complete-looking folder in use or of another run, as `train` does.
     """
     logdir = Path(logdir)
     # os.path, not Path.exists: a folder that cannot be searched must reach open_run's one-line error.
     if (jax.process_count() > 1 or not os.path.exists(logdir / "run.json")
             or not os.path.isdir(logdir / "checkpoints")):
+        return None
+    files = len(replay.episode_files(logdir / "episodes"))
+    if files < cfg.train.episodes:  # the usual resume: no second lock, check and checkpoint read
         return None
     with rundir.lock(logdir), warnings.catch_warnings():
         # A resume's changed settings are reported by the run that uses them, not by this look.
@@ -433,9 +437,7 @@ def checkpointed_episodes(cfg: config.Config, env: str | Callable, logdir: str |
             return None
         finally:
             ckpt.close()
-    if held is None or len(replay.episode_files(logdir / "episodes")) < held:
-        return None
-    return held
+    return held if held is not None and cfg.train.episodes <= held <= files else None
 
 
 def _say_complete(logdir: str | Path, held: int, episodes: int) -> None:

@@ -108,8 +108,10 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch, capsys):
     loop.train(episodes(3), ENV, parts, seed=3, progress=False)
     assert len(_rounds(parts)) == 3
     # Asked for no more episodes, the run answers from its checkpoint: no environment starts.
-    assert loop.checkpointed_episodes(episodes(3), ENV, parts, 3) == 3 * num_envs
-    assert loop.checkpointed_episodes(episodes(3), ENV, tmp_path / "new", 3) is None
+    assert loop.episodes_if_complete(episodes(3), ENV, parts, 3) == 3 * num_envs
+    assert loop.episodes_if_complete(episodes(3), ENV, tmp_path / "new", 3) is None
+    with rundir.lock(parts):  # an incomplete run is left to the full path, without a look (or lock)
+        assert loop.episodes_if_complete(episodes(4), ENV, parts, 3) is None
     assert not (tmp_path / "new").exists()
     with monkeypatch.context() as m:
         m.setattr(rollout, "make_envs", lambda *a: pytest.fail("environments started"))
@@ -121,13 +123,13 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch, capsys):
     # An episode file missing: the full path decides (it would collect the episode again).
     last = replay.episode_files(parts / "episodes")[-1][1]
     last.rename(tmp_path / last.name)
-    assert loop.checkpointed_episodes(episodes(3), ENV, parts, 3) is None
+    assert loop.episodes_if_complete(episodes(2), ENV, parts, 3) is None  # 5 files, checkpoint of 6
     (tmp_path / last.name).rename(last)
     # So does a checkpoint whose metadata cannot be read (in a copy: this run goes on).
     copy = tmp_path / "copy"
     shutil.copytree(parts, copy)
     (copy / "checkpoints" / str(3 * num_envs) / "meta" / "metadata").write_text("{not json")
-    assert loop.checkpointed_episodes(episodes(3), ENV, copy, 3) is None
+    assert loop.episodes_if_complete(episodes(3), ENV, copy, 3) is None
     # Resumed, the copy goes on from the checkpoint before with all 6 episodes; the damaged one is
     # set aside, so the next save keeps the checkpoint it restored. Without bars (stderr is not a
     # terminal here) process 0 prints a line per round.
@@ -143,7 +145,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, monkeypatch, capsys):
     with monkeypatch.context() as m:
         m.setattr(os, "stat", lambda path, *a, **k: (_ for _ in ()).throw(PermissionError(13, "denied"))
                   if str(path).startswith(str(copy)) else real_stat(path, *a, **k))
-        assert loop.checkpointed_episodes(episodes(4), ENV, copy, 3) is None
+        assert loop.episodes_if_complete(episodes(4), ENV, copy, 3) is None
     # A resume with a changed setting warns once, from the run that uses it.
     changed = dataclasses.replace(episodes(rounds), train=dataclasses.replace(
         episodes(rounds).train, max_skipped_updates=cfg.train.max_skipped_updates + 1))
