@@ -34,7 +34,8 @@ def make_policy(cfg: Config, action_dim: int) -> Callable:
     """Returns jitted `policy(params, belief, obs, key, noise) -> (action, belief)`.
 
     obs: uint8 (N, 64, 64, 3), the frames reached by `belief.action`; noise: std of the Gaussian
-    exploration noise (0 when testing). Actions are clipped to [-1, 1].
+    exploration noise (0 when testing). Actions are clipped to [-1, 1]. Compiled with the
+    planner's XLA:CPU matmul choice (`planner.jit_with_cpu_dots`), made at the first call.
     """
     plan = planner.make_planner(cfg.model, cfg.planner, action_dim)
 
@@ -49,8 +50,7 @@ def make_policy(cfg: Config, action_dim: int) -> Callable:
         action = jnp.clip(action, -1.0, 1.0)
         return action, Belief(state, action, mean)
 
-    return jax.jit(policy)
-
+    return planner.jit_with_cpu_dots(policy, cfg.model, cfg.planner, action_dim)
 
 
 class Actor:

@@ -20,6 +20,7 @@ MATMUL_DTYPES = ("float32", "bfloat16")
 # planner's batch over environments (planet_jax.planner); all compute the same function.
 CONV_IMPLS = ("mixed", "xla", "conv", "im2col", "taps", "outer")
 PLAN_BATCHING = ("map", "vmap")
+PLAN_CPU_DOTS = ("xla", "eigen")
 # The encoder's and decoder's stride-2 layers (planet_jax.networks), as model.conv_impl names them.
 CONV_LAYERS = ("conv0", "conv1", "conv2", "conv3", "deconv1", "deconv2", "deconv3")
 _CHOICE_WORDS = ("auto", "default")
@@ -125,6 +126,12 @@ class PlannerConfig:
     """How one call plans N environments: 'map' (one after another, `lax.map`), 'vmap' (all at
     once), 'auto' (measured once per machine and size, `planet_jax.autotune`, cached) or 'default'
     (map on a CPU, vmap elsewhere, without measuring). Same actions every way."""
+    cpu_dots: str = "auto"
+    """How XLA:CPU runs the imagined rollouts' matmuls (`planner.cpu_dots`): 'xla' (its default: in
+    jaxlib 0.10, YNNPACK library fusions, one core per matmul at the planner's sizes), 'eigen'
+    (XLA's Eigen dots, which split each matmul over the cores), 'auto' (measured once per machine
+    and size, `planet_jax.autotune`, cached) or 'default' ('xla' without measuring). Same actions
+    up to float32 rounding; ignored on GPUs and TPUs."""
     matmul_dtype: str = "float32"
     """Operand type of the matmuls of the imagined rollouts that score the candidates (the
     transition's and the reward model's dense layers, `networks.dense_operands`): 'float32', or
@@ -214,6 +221,7 @@ class Config:
             raise ValueError(f"model.conv_impl names no layer {', '.join(unknown)}: the stride-2 layers are "
                              f"{', '.join(CONV_LAYERS)}")
         check_choice("planner.batching", p.batching, _CHOICE_WORDS + PLAN_BATCHING)
+        check_choice("planner.cpu_dots", p.cpu_dots, _CHOICE_WORDS + PLAN_CPU_DOTS)
         check_choice("planner.matmul_dtype", p.matmul_dtype, MATMUL_DTYPES)
         if m.conv_dtype != "float32" and not m.fast_conv:
             raise ValueError("model.conv_dtype=bfloat16 needs model.fast_conv=true")

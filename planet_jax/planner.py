@@ -6,7 +6,9 @@ imagined states; `cem.cem` refits to the K best for I iterations and the agent a
 action of the final mean. The paper restarts every decision from N(0, I); optionally the previous
 plan, shifted by one step, is the initial mean (`PlannerConfig.warm_start`). With
 `PlannerConfig.matmul_dtype='bfloat16'` the rollouts' dense layers multiply bfloat16 operands
-(`networks.dense_operands`, entered while the jitted plan is traced).
+(`networks.dense_operands`, entered while the jitted plan is traced). On a CPU, how XLA runs the
+rollouts' matmuls is chosen by measurement (`cpu_dots`): its default library fusions keep each of
+these small matmuls on one core, its Eigen dots split one over the cores.
 
 `make_planner(model_cfg, planner_cfg, action_dim)` returns one jitted `plan` that serves one
 environment (state.h (|h|,), one key) or N at once (state.h (N, |h|), N keys). The batch maps the
@@ -28,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from planet_jax import autotune, cem, networks, rssm
-from planet_jax.config import MATMUL_DTYPES, PLAN_BATCHING, ModelConfig, PlannerConfig, check_choice
+from planet_jax.config import (MATMUL_DTYPES, PLAN_BATCHING, PLAN_CPU_DOTS, ModelConfig, PlannerConfig,
+                               check_choice)
 from planet_jax.networks import Params
 
 ACTION_LOW, ACTION_HIGH = -1.0, 1.0
@@ -36,6 +39,9 @@ ACTION_LOW, ACTION_HIGH = -1.0, 1.0
 # the small per-step matmuls and elementwise work of consecutive steps together
 # (docs/performance_speed.md, seventh session).
 IMAGINE_UNROLL = 3
+# XLA:CPU's debug option that hands dots to YNNPACK library fusions (jaxlib 0.10's default); empty,
+# the dots stay XLA's own Eigen dots. `PlannerConfig.cpu_dots`'s 'eigen' compiles with it empty.
+_YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 
 
 def shift_plan(mean: jax.Array) -> jax.Array:
@@ -104,27 +110,86 @@ def plan_batching(model_cfg: ModelConfig, planner_cfg: PlannerConfig, action_dim
                   tuner: autotune.Tuner | None = None) -> str:
     """How a call plans n environments, 'map' (one after another) or 'vmap' (all at once):
     `planner_cfg.batching` when it names one; for 'auto', whichever decided faster on this machine
-    (`planet_jax.autotune`, cached per machine and sizes); for 'default' or with the search off,
-    'map' on a CPU (one environment's J candidates already fill its cores, and its activations stay
-    in cache) and 'vmap' on accelerators, which want all the work at once."""
+    (`planet_jax.autotune`, cached per machine and sizes; timed with the matmuls `cpu_dots` picks);
+    for 'default' or with the search off, 'map' on a CPU (one environment's J candidates already
+    fill its cores, and its activations stay in cache) and 'vmap' on accelerators, which want all
+    the work at once."""
     default = "map" if jax.default_backend() == "cpu" else "vmap"
+    pin = planner_cfg.batching if n > 1 or planner_cfg.batching != "auto" else "default"  # one environment: the same
+    tuner = tuner or autotune.Tuner()
+    dots = cpu_dots(model_cfg, planner_cfg, action_dim, tuner) if pin == "auto" else "xla"
+    candidates = {b: functools.partial(_timed_plan, model_cfg, planner_cfg, action_dim, n, b, dots)
+                  for b in PLAN_BATCHING}
+    # A batching timed with Eigen's dots is cached apart; keys of XLA's default dots stay as they were.
+    key = _plan_key(model_cfg, planner_cfg, action_dim, n) + (" eigen dots" if dots == "eigen" else "")
+    return tuner.choose("planner.batching", key, candidates, default, pin,
+                        _decision_gflop(model_cfg, planner_cfg, action_dim))
+
+
+def cpu_dots(model_cfg: ModelConfig, planner_cfg: PlannerConfig, action_dim: int,
+             tuner: autotune.Tuner | None = None) -> str:
+    """How XLA:CPU runs the matmuls of a decision (one of config.PLAN_CPU_DOTS): 'xla', its default
+    (in jaxlib 0.10, YNNPACK library fusions, each of the planner's small matmuls on one core), or
+    'eigen', XLA's own Eigen dots, which split each matmul over the cores (compiled with the XLA
+    option `xla_cpu_experimental_ynn_fusion_type` empty).
+
+    `planner_cfg.cpu_dots` when it names one; for 'auto', whichever decided one environment's
+    action faster on this machine (`planet_jax.autotune`, cached per machine and sizes; the
+    batched decisions use the same); for 'default', with the search off, on GPUs and TPUs, or with
+    a jaxlib that has no such option (where XLA's dots are Eigen's already), 'xla'. Both give the
+    same actions up to float32 rounding."""
+    p = planner_cfg
+    if jax.default_backend() != "cpu" or p.cpu_dots in ("default", "xla") or not _ynn_option_known():
+        return "xla"
+    candidates = {d: functools.partial(_timed_plan, model_cfg, p, action_dim, 1, "default", d)
+                  for d in PLAN_CPU_DOTS}
+    return (tuner or autotune.Tuner()).choose(
+        "planner.cpu_dots", _plan_key(model_cfg, p, action_dim, 1), candidates, "xla", p.cpu_dots,
+        _decision_gflop(model_cfg, p, action_dim))
+
+
+def compiler_options(model_cfg: ModelConfig, planner_cfg: PlannerConfig, action_dim: int
+                     ) -> dict[str, str] | None:
+    """The XLA compiler options of `cpu_dots`'s choice, for `jax.jit(..., compiler_options=...)`:
+    None for 'xla'."""
+    return _dot_options(cpu_dots(model_cfg, planner_cfg, action_dim))
+
+
+def _dot_options(dots: str) -> dict[str, str] | None:
+    return {_YNN_OPTION: ""} if dots == "eigen" else None
+
+
+@functools.cache
+def _ynn_option_known() -> bool:
+    """Whether this jaxlib's XLA:CPU takes `_YNN_OPTION` (a tiny program compiled with it)."""
+    try:
+        jax.jit(lambda x: x + 1).lower(np.float32(0)).compile(compiler_options={_YNN_OPTION: ""})
+    except Exception:  # jaxlib raises its runtime error for an option it does not know
+        return False
+    return True
+
+
+def _plan_key(model_cfg: ModelConfig, planner_cfg: PlannerConfig, action_dim: int, n: int) -> str:
     p, m = planner_cfg, model_cfg
-    candidates = {b: functools.partial(_timed_plan, m, p, action_dim, n, b) for b in PLAN_BATCHING}
+    return (f"N{n} H{p.horizon} I{p.iterations} J{p.candidates} K{p.top_k} warm{int(p.warm_start)} a{action_dim} "
+            f"{m.kind} h{m.h_size} s{m.s_size} hidden{m.hidden} reward{m.reward_hidden}x{m.reward_layers} "
+            f"unroll{IMAGINE_UNROLL}" + ("" if p.matmul_dtype == "float32" else f" {p.matmul_dtype}"))
+
+
+def _decision_gflop(model_cfg: ModelConfig, planner_cfg: PlannerConfig, action_dim: int) -> float:
+    """Forward GFLOP of one environment's decision: I J H steps of the transition and reward model.
+    (Per environment: with little work each, the batching changes nothing worth timing either.)"""
+    m, p = model_cfg, planner_cfg
     transition = 2 * ((m.s_size + action_dim) * m.hidden + 3 * (m.hidden + m.h_size) * m.h_size
                       + m.h_size * m.hidden + m.hidden * 2 * m.s_size)
     reward = 2 * (m.feature_size * m.reward_hidden + (m.reward_layers - 1) * m.reward_hidden ** 2)
-    # Per environment: with little work each, the batching changes nothing worth timing.
-    gflop = p.iterations * p.candidates * p.horizon * (transition + reward) / 1e9
-    key = (f"N{n} H{p.horizon} I{p.iterations} J{p.candidates} K{p.top_k} warm{int(p.warm_start)} a{action_dim} "
-           f"{m.kind} h{m.h_size} s{m.s_size} hidden{m.hidden} reward{m.reward_hidden}x{m.reward_layers} "
-           f"unroll{IMAGINE_UNROLL}" + ("" if p.matmul_dtype == "float32" else f" {p.matmul_dtype}"))
-    pin = p.batching if n > 1 or p.batching != "auto" else "default"  # one environment: the same
-    return (tuner or autotune.Tuner()).choose("planner.batching", key, candidates, default, pin, gflop)
+    return p.iterations * p.candidates * p.horizon * (transition + reward) / 1e9
 
 
 def _timed_plan(model_cfg: ModelConfig, planner_cfg: PlannerConfig, action_dim: int, n: int,
-                batching: str) -> Callable[[], object]:
-    """An autotune candidate: one decision for n environments with random parameters and states."""
+                batching: str, dots: str = "xla") -> Callable[[], object]:
+    """An autotune candidate: one decision for n environments with random parameters and states,
+    compiled with `dots`'s compiler options."""
     mods = networks.modules(model_cfg)
     kt, kr, kk = jax.random.split(jax.random.PRNGKey(0), 3)
     h, s = autotune.random_array((n, model_cfg.h_size), 0), autotune.random_array((n, model_cfg.s_size), 1)
@@ -136,7 +201,7 @@ def _timed_plan(model_cfg: ModelConfig, planner_cfg: PlannerConfig, action_dim: 
     cfg = dataclasses.replace(planner_cfg, batching=batching)
     plan = jax.jit(functools.partial(_plan, model_cfg=model_cfg, planner_cfg=cfg, action_dim=action_dim))
     state, keys = rssm.RSSMState(h, s), jax.random.split(kk, n)
-    compiled = plan.lower(params, state, keys).compile()
+    compiled = plan.lower(params, state, keys).compile(compiler_options=_dot_options(dots))
     return lambda: jax.block_until_ready(compiled(params, state, keys))
 
 
@@ -149,10 +214,46 @@ def make_planner(model_cfg: ModelConfig, planner_cfg: PlannerConfig, action_dim:
     N environments: state.h (N, |h|), state.s (N, |s|), key (N,) keys (jax.random.split(k, N)),
     prev_mean (N, H, A) or None; returns (N, A) and (N, H, A), equal to N single calls.
     prev_mean is used only when planner_cfg.warm_start is set (CEM then starts at shift_plan(prev_mean)).
-    Matmul operands are planner_cfg.matmul_dtype (`networks.dense_operands`).
+    Matmul operands are planner_cfg.matmul_dtype (`networks.dense_operands`); on a CPU the matmuls
+    run as `cpu_dots` picks, decided at the first call (or `lower`), which may measure it once.
     Raises ValueError (one line) for a matmul_dtype not in config.MATMUL_DTYPES.
     """
     check_choice("planner.matmul_dtype", planner_cfg.matmul_dtype, MATMUL_DTYPES)
     plan = functools.partial(_plan, model_cfg=model_cfg, planner_cfg=planner_cfg,
                              action_dim=action_dim)
-    return jax.jit(plan)
+    return jit_with_cpu_dots(plan, model_cfg, planner_cfg, action_dim)
+
+
+def jit_with_cpu_dots(fun: Callable, model_cfg: ModelConfig, planner_cfg: PlannerConfig, action_dim: int
+                      ) -> "CpuDotsJit":
+    """`jax.jit(fun)` compiled with the `compiler_options` of the planner's `cpu_dots` choice, for a
+    function whose matmuls are mostly a decision's (the planner, the acting policy). The choice is
+    made at the first call or `lower`, not here, so that a first run measures it where it reports
+    its other measurements (inside `autotune.reporting`)."""
+    return CpuDotsJit(fun, (model_cfg, planner_cfg, action_dim))
+
+
+class CpuDotsJit:
+    """What `jit_with_cpu_dots` returns: calls, `lower` and `_cache_size` go to `jitted`, the
+    function jitted with the compiler options, made once. Called inside another trace (the
+    caller's own `jax.jit`, `vmap` or `grad`), it is a plain `jax.jit` of the function: jax takes
+    compiler options only on the outermost jit, whose options then rule."""
+
+    def __init__(self, fun: Callable, choice_args: tuple[ModelConfig, PlannerConfig, int]):
+        self._fun, self._choice_args = fun, choice_args
+        self._nested = jax.jit(fun)
+
+    @functools.cached_property
+    def jitted(self):
+        return jax.jit(self._fun, compiler_options=compiler_options(*self._choice_args))
+
+    def __call__(self, *args, **kwargs):
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs))):
+            return self._nested(*args, **kwargs)
+        return self.jitted(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        return self.jitted.lower(*args, **kwargs)
+
+    def _cache_size(self) -> int:
+        return self.jitted._cache_size()

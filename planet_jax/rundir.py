@@ -28,7 +28,7 @@ RESUMABLE_CHANGES = (("train", "episodes"), ("train", "num_envs"), ("train", "co
                      ("train", "max_skipped_updates"),
                      ("model", "fast_conv"), ("model", "conv_dtype"), ("model", "image_group"),
                      ("model", "conv_impl"), ("planner", "batching"),
-                     ("planner", "matmul_dtype"))
+                     ("planner", "cpu_dots"), ("planner", "matmul_dtype"))
 
 
 class RunError(Exception):

@@ -32,3 +32,18 @@ def test_the_policy_compiles_once_for_fresh_and_restored_runs(placement):
     # A new-style typed key is placed the same way.
     typed = agent.Actor(agent.make_policy(cfg, 2), cfg, 2, 1, params, jax.random.key(1), 0.3)
     assert typed(obs).shape == (1, 2)
+
+
+def test_the_policy_is_compiled_with_the_planners_matmul_choice():
+    """make_policy's program, which holds the planner's rollouts, takes `planner.cpu_dots`'s
+    compiler options: pinned 'eigen', no YNNPACK fusion is left in it."""
+    from planet_jax import planner
+    if jax.default_backend() != "cpu" or not planner._ynn_option_known():
+        pytest.skip("XLA:CPU without the YNNPACK option")
+    cfg = config.override(config.tiny(), ["planner.cpu_dots=eigen"])
+    params = learner.init_train_state(cfg, 2, jax.random.PRNGKey(0)).params
+    args = (params, agent.initial_belief(cfg, 1, 2), np.zeros((1, 64, 64, 3), np.uint8), jax.random.PRNGKey(1),
+            np.float32(0.3))
+    texts = {pin: agent.make_policy(config.override(cfg, [f"planner.cpu_dots={pin}"]), 2).lower(*args).compile().as_text()
+             for pin in ("eigen", "xla")}
+    assert "ynn" not in texts["eigen"] and "__ynn_fusion" in texts["xla"]

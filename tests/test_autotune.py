@@ -2,6 +2,7 @@
 three users (conv layers, image groups, the planner's batching). Timers are fakes, so no test
 depends on how fast anything runs."""
 import contextlib
+import dataclasses
 import json
 import subprocess
 import sys
@@ -494,8 +495,9 @@ def test_plan_batching_measured_pinned_or_default(tmp_path, monkeypatch):
     cfg = tiny_model()
     small = config.PlannerConfig(horizon=4, iterations=2, candidates=32, top_k=4)
     monkeypatch.setattr(autotune, "MIN_SEARCH_GFLOP", 0.0)
-    timer = FakeTimer({"map": 2.0, "vmap": 1.0})
+    timer = FakeTimer({"map": 2.0, "vmap": 1.0, "xla": 1.0, "eigen": 1.0})
     assert planner.plan_batching(cfg, small, 2, 8, tuner=tuner(tmp_path, timer)) == "vmap"
+    assert timer.timed == ["xla", "eigen", "map", "vmap"]  # the matmuls first, at one environment
     never = tuner(tmp_path, never_timed)
     assert planner.plan_batching(cfg, small, 2, 8, tuner=never) == "vmap"
     pinned = config.PlannerConfig(horizon=4, iterations=2, candidates=32, top_k=4, batching="map")
@@ -508,12 +510,44 @@ def test_plan_batching_measured_pinned_or_default(tmp_path, monkeypatch):
     assert action.shape == (3, 2) and mean.shape == (3, 4, 2)
 
 
+def test_cpu_dots_measured_pinned_or_default(tmp_path, monkeypatch):
+    cfg = tiny_model()
+    small = config.PlannerConfig(horizon=4, iterations=2, candidates=32, top_k=4)
+    monkeypatch.setattr(autotune, "MIN_SEARCH_GFLOP", 0.0)
+    if not planner._ynn_option_known():
+        monkeypatch.setattr(planner, "_ynn_option_known", lambda: True)
+    # The faster of the two, timed on one environment's decision; XLA's default on a tie.
+    faster = FakeTimer({"xla": 1.0, "eigen": 0.9})
+    assert planner.cpu_dots(cfg, small, 2, tuner(tmp_path / "a", faster)) == "eigen"
+    assert faster.timed == ["xla", "eigen"]
+    assert planner.cpu_dots(cfg, small, 2, tuner(tmp_path / "a", never_timed)) == "eigen"  # cached
+    assert planner.cpu_dots(cfg, small, 2, tuner(tmp_path / "b", FakeTimer({"xla": 1.0, "eigen": 1.1}))) == "xla"
+    assert planner.cpu_dots(cfg, small, 2, tuner(tmp_path / "e", FakeTimer({"xla": 1.0, "eigen": 1.0}))) == "xla"
+    # A batching measured after 'eigen' was chosen is timed with it and cached under its own key.
+    assert planner.plan_batching(cfg, small, 2, 8, tuner(tmp_path / "a", FakeTimer({"map": 1.0, "vmap": 2.0}))) == "map"
+    batching_keys = list(autotune.choices(tuner(tmp_path / "a", never_timed))["planner.batching"])
+    assert len(batching_keys) == 1 and batching_keys[0].endswith(" eigen dots")
+    # Pinned, the default, the search off: never timed.
+    never = tuner(tmp_path / "c", never_timed)
+    for pin, expected in (("eigen", "eigen"), ("xla", "xla"), ("default", "xla")):
+        assert planner.cpu_dots(cfg, dataclasses.replace(small, cpu_dots=pin), 2, never) == expected
+    assert planner.cpu_dots(cfg, small, 2, tuner(tmp_path / "d", never_timed, search=False)) == "xla"
+    # Off a CPU, or on a jaxlib without the option, XLA's default, even pinned.
+    monkeypatch.setattr(planner, "_ynn_option_known", lambda: False)
+    assert planner.cpu_dots(cfg, dataclasses.replace(small, cpu_dots="eigen"), 2, never) == "xla"
+    monkeypatch.setattr(planner, "_ynn_option_known", lambda: True)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert planner.cpu_dots(cfg, dataclasses.replace(small, cpu_dots="eigen"), 2, never) == "xla"
+    assert planner.compiler_options(cfg, dataclasses.replace(small, cpu_dots="eigen"), 2) is None
+
+
 def test_config_rejects_unknown_choices():
-    for item in ("model.conv_impl=fastest", "model.conv_impl=conv0", "planner.batching=pmap",
+    for item in ("model.conv_impl=fastest", "model.conv_impl=conv0", "planner.batching=pmap", "planner.cpu_dots=mkl",
                  "model.conv_impl=conv/fastest", "model.conv_impl=conv0=taps/", "model.conv_impl=conv/taps/xla"):
-        with pytest.raises(ValueError, match="conv_impl|batching"):
+        with pytest.raises(ValueError, match="conv_impl|batching|cpu_dots"):
             config.override(config.tiny(), [item]).validate()
-    config.override(config.tiny(), ["model.conv_impl=conv0=taps,deconv3=conv/auto", "planner.batching=vmap"]).validate()
+    config.override(config.tiny(), ["model.conv_impl=conv0=taps,deconv3=conv/auto", "planner.batching=vmap",
+                                     "planner.cpu_dots=eigen"]).validate()
     config.override(config.tiny(), ["model.conv_impl=xla/default"]).validate()
     # Spaces around '=', ',' and '/' are ignored alike.
     assert config.conv_impl_pin(" conv / taps ", "conv1") == "conv/taps"

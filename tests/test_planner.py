@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from planet_jax import networks, planner, rssm
-from planet_jax.config import MATMUL_DTYPES, PLAN_BATCHING, PlannerConfig
+from planet_jax.config import MATMUL_DTYPES, PLAN_BATCHING, PLAN_CPU_DOTS, PlannerConfig
 from tests.conftest import ACTION_DIM, assert_trees_close, tiny_model
 from tests.test_cem import count_eqns
 
@@ -303,10 +303,52 @@ def test_plan_batching_is_cached_apart_per_matmul_dtype(cfg):
     keys = []
 
     class Spy:
-        def choose(self, op, key, candidates, default, pin, gflop):
-            keys.append(key)
+        def choose(self, op, key, candidates, default, pin, gflop, **kwargs):
+            if op == "planner.batching":
+                keys.append(key)
             return default
 
     for dtype in MATMUL_DTYPES:
         planner.plan_batching(cfg, dataclasses.replace(SMALL, matmul_dtype=dtype), ACTION_DIM, N, Spy())
     assert keys[0].endswith(f"unroll{planner.IMAGINE_UNROLL}") and keys[1] == keys[0] + " bfloat16"
+
+
+@pytest.mark.parametrize("warm_start", [False, True])
+def test_each_cpu_dots_choice_gives_the_same_actions(cfg, params, warm_start):
+    """Both ways XLA:CPU may run the matmuls (config.PLAN_CPU_DOTS), pinned: one environment and N
+    by each batching give the actions of XLA's default dots, up to float32 rounding."""
+    state = random_states(cfg, jax.random.PRNGKey(17), (N,))
+    keys = jax.random.split(jax.random.PRNGKey(18), N)
+    prev = jax.random.uniform(jax.random.PRNGKey(19), (N, SMALL.horizon, ACTION_DIM), minval=-1)
+    base = dataclasses.replace(SMALL, warm_start=warm_start, cpu_dots="default")
+    expected = planner.make_planner(cfg, base, ACTION_DIM)(params, state, keys, prev)
+    for dots in PLAN_CPU_DOTS:
+        for batching in PLAN_BATCHING:
+            pinned = dataclasses.replace(base, cpu_dots=dots, batching=batching)
+            assert_trees_close(planner.make_planner(cfg, pinned, ACTION_DIM)(params, state, keys, prev),
+                               expected, rtol=0, atol=1e-5)
+        one = planner.make_planner(cfg, dataclasses.replace(base, cpu_dots=dots), ACTION_DIM)
+        assert_trees_close(one(params, jax.tree.map(lambda x: x[0], state), keys[0], prev[0]),
+                           (expected[0][0], expected[1][0]), rtol=0, atol=1e-5)
+
+
+def test_eigen_dots_compile_without_library_fusions(cfg, params):
+    """'eigen' reaches the compiled program: no YNNPACK fusion is left in it, where XLA's default
+    (on a jaxlib that has the option) hands the rollouts' matmuls to them."""
+    if jax.default_backend() != "cpu" or not planner._ynn_option_known():
+        pytest.skip("XLA:CPU without the YNNPACK option")
+    state = random_states(cfg, jax.random.PRNGKey(20))
+    texts = {dots: planner.make_planner(cfg, dataclasses.replace(SMALL, cpu_dots=dots), ACTION_DIM)
+             .lower(params, state, jax.random.PRNGKey(21)).compile().as_text() for dots in PLAN_CPU_DOTS}
+    assert "__ynn_fusion" in texts["xla"] and "ynn" not in texts["eigen"]
+    # Inside a user's own jit (whose options rule) and under vmap, the same plan still works.
+    plan = planner.make_planner(cfg, dataclasses.replace(SMALL, cpu_dots="eigen"), ACTION_DIM)
+    key = jax.random.PRNGKey(21)
+    direct = plan(params, state, key)
+    assert_trees_close(jax.jit(plan)(params, state, key), direct, rtol=0, atol=1e-5)
+    states = jax.tree.map(lambda x: jnp.stack([x, x]), state)
+    assert_trees_close(jax.vmap(plan, (None, 0, None))(params, states, key), jax.tree.map(lambda x: jnp.stack([x, x]), direct),
+                       rtol=0, atol=1e-5)
+    assert planner.compiler_options(cfg, dataclasses.replace(SMALL, cpu_dots="eigen"), ACTION_DIM) \
+        == {planner._YNN_OPTION: ""}
+    assert planner.compiler_options(cfg, dataclasses.replace(SMALL, cpu_dots="xla"), ACTION_DIM) is None
