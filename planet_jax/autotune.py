@@ -2,9 +2,10 @@
 
 Several of planet_jax's speed choices depend on the machine more than on the model: how a stride-2
 convolution layer is computed (`ops.CONV_IMPLS`), how many sequences the encoder and decoder see at
-a time (`objective.image_group`), and whether the planner maps or vmaps over environments
-(`planner.PLAN_BATCHING`). Like XLA's and cuDNN's autotuners, `choose` times each candidate once
-for the shapes in use, at trace time (in Python, never inside jit), remembers the timings, and
+a time (`objective.image_group`), how XLA:CPU runs the planner's matmuls (`planner.cpu_dots`),
+and whether the planner maps or vmaps over environments (`planner.PLAN_BATCHING`). Like XLA's and cuDNN's autotuners, `choose` times each candidate once
+for the shapes in use, at trace time or (the planner's matmuls) at a function's first call (in
+Python, never inside jit), remembers the timings, and
 takes the fastest (or the default, unless the fastest saves at least the op's `min_gain` of its
 time; decided again from the remembered timings on every call, so a changed rule needs no new
 measurement):
@@ -23,7 +24,8 @@ measurement):
   search  on unless $PLANET_JAX_AUTOTUNE is 0/off/false/no; when off, or when the work is too
           small for timings to mean anything (`MIN_SEARCH_GFLOP`), each op takes its fixed default
           (the rule planet_jax used before it measured). Config values pin a choice per op
-          (`ModelConfig.conv_impl`, `ModelConfig.image_group`, `PlannerConfig.batching`).
+          (`ModelConfig.conv_impl`, `ModelConfig.image_group`, `PlannerConfig.cpu_dots`,
+          `PlannerConfig.batching`).
 
 Every candidate computes the same function (tests/test_ops.py, test_objective.py and
 test_planner.py check each against the plain flax/XLA version), so a choice changes speed and

@@ -20,8 +20,12 @@ states.)
 """
 from __future__ import annotations
 
+import concurrent.futures
+import contextvars
 import dataclasses
 import functools
+import inspect
+import threading
 from typing import Callable
 
 import chex
@@ -42,6 +46,9 @@ IMAGINE_UNROLL = 3
 # XLA:CPU's debug option that hands dots to YNNPACK library fusions (jaxlib 0.10's default); empty,
 # the dots stay XLA's own Eigen dots. `PlannerConfig.cpu_dots`'s 'eigen' compiles with it empty.
 _YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+# The dots of the program being traced (set by `CpuDotsJit` around its top-level calls), which
+# `plan_batching` times its candidates with: 'xla' inside a caller's own jit, whose options rule.
+_TRACED_DOTS: contextvars.ContextVar[str] = contextvars.ContextVar("planner_traced_dots", default="xla")
 
 
 def shift_plan(mean: jax.Array) -> jax.Array:
@@ -110,14 +117,15 @@ def plan_batching(model_cfg: ModelConfig, planner_cfg: PlannerConfig, action_dim
                   tuner: autotune.Tuner | None = None) -> str:
     """How a call plans n environments, 'map' (one after another) or 'vmap' (all at once):
     `planner_cfg.batching` when it names one; for 'auto', whichever decided faster on this machine
-    (`planet_jax.autotune`, cached per machine and sizes; timed with the matmuls `cpu_dots` picks);
+    (`planet_jax.autotune`, cached per machine and sizes; timed with the dots of the program that
+    is being compiled, `cpu_dots`'s choice for `make_planner`'s and `agent.make_policy`'s);
     for 'default' or with the search off, 'map' on a CPU (one environment's J candidates already
     fill its cores, and its activations stay in cache) and 'vmap' on accelerators, which want all
     the work at once."""
     default = "map" if jax.default_backend() == "cpu" else "vmap"
     pin = planner_cfg.batching if n > 1 or planner_cfg.batching != "auto" else "default"  # one environment: the same
     tuner = tuner or autotune.Tuner()
-    dots = cpu_dots(model_cfg, planner_cfg, action_dim, tuner) if pin == "auto" else "xla"
+    dots = _TRACED_DOTS.get() if pin == "auto" else "xla"
     candidates = {b: functools.partial(_timed_plan, model_cfg, planner_cfg, action_dim, n, b, dots)
                   for b in PLAN_BATCHING}
     # A batching timed with Eigen's dots is cached apart; keys of XLA's default dots stay as they were.
@@ -135,9 +143,9 @@ def cpu_dots(model_cfg: ModelConfig, planner_cfg: PlannerConfig, action_dim: int
 
     `planner_cfg.cpu_dots` when it names one; for 'auto', whichever decided one environment's
     action faster on this machine (`planet_jax.autotune`, cached per machine and sizes; the
-    batched decisions use the same); for 'default', with the search off, on GPUs and TPUs, or with
-    a jaxlib that has no such option (where XLA's dots are Eigen's already), 'xla'. Both give the
-    same actions up to float32 rounding."""
+    batched decisions use the same; no margin, since the candidates are the decision's program
+    itself); for 'default', with the search off, on GPUs and TPUs, or with a jax or jaxlib that
+    cannot take the option, 'xla'. Both give the same actions up to float32 rounding."""
     p = planner_cfg
     if jax.default_backend() != "cpu" or p.cpu_dots in ("default", "xla") or not _ynn_option_known():
         return "xla"
@@ -161,12 +169,20 @@ def _dot_options(dots: str) -> dict[str, str] | None:
 
 @functools.cache
 def _ynn_option_known() -> bool:
-    """Whether this jaxlib's XLA:CPU takes `_YNN_OPTION` (a tiny program compiled with it)."""
-    try:
-        jax.jit(lambda x: x + 1).lower(np.float32(0)).compile(compiler_options={_YNN_OPTION: ""})
-    except Exception:  # jaxlib raises its runtime error for an option it does not know
+    """Whether this jax takes compiler options on `jax.jit` and its XLA:CPU knows `_YNN_OPTION` (a
+    tiny program compiled with it, in a worker thread: outside any trace of the caller's)."""
+    if "compiler_options" not in inspect.signature(jax.jit).parameters:
         return False
-    return True
+
+    def probe() -> bool:
+        try:
+            jax.jit(lambda x: x + 1).lower(np.float32(0)).compile(compiler_options={_YNN_OPTION: ""})
+        except Exception:  # jaxlib raises its runtime error for an option it does not know
+            return False
+        return True
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(probe).result()
 
 
 def _plan_key(model_cfg: ModelConfig, planner_cfg: PlannerConfig, action_dim: int, n: int) -> str:
@@ -216,9 +232,10 @@ def make_planner(model_cfg: ModelConfig, planner_cfg: PlannerConfig, action_dim:
     prev_mean is used only when planner_cfg.warm_start is set (CEM then starts at shift_plan(prev_mean)).
     Matmul operands are planner_cfg.matmul_dtype (`networks.dense_operands`); on a CPU the matmuls
     run as `cpu_dots` picks, decided at the first call (or `lower`), which may measure it once.
-    Raises ValueError (one line) for a matmul_dtype not in config.MATMUL_DTYPES.
+    Raises ValueError (one line) for a matmul_dtype or cpu_dots that is not one of its choices.
     """
     check_choice("planner.matmul_dtype", planner_cfg.matmul_dtype, MATMUL_DTYPES)
+    check_choice("planner.cpu_dots", planner_cfg.cpu_dots, ("auto", "default") + PLAN_CPU_DOTS)
     plan = functools.partial(_plan, model_cfg=model_cfg, planner_cfg=planner_cfg,
                              action_dim=action_dim)
     return jit_with_cpu_dots(plan, model_cfg, planner_cfg, action_dim)
@@ -234,26 +251,54 @@ def jit_with_cpu_dots(fun: Callable, model_cfg: ModelConfig, planner_cfg: Planne
 
 
 class CpuDotsJit:
-    """What `jit_with_cpu_dots` returns: calls, `lower` and `_cache_size` go to `jitted`, the
-    function jitted with the compiler options, made once. Called inside another trace (the
-    caller's own `jax.jit`, `vmap` or `grad`), it is a plain `jax.jit` of the function: jax takes
-    compiler options only on the outermost jit, whose options then rule."""
+    """What `jit_with_cpu_dots` returns. Called from Python, it runs `jitted`: the function jitted
+    with the choice's compiler options, made once. Called on traced values (inside another jit,
+    `lax.scan`, `vmap`, `grad` or `jax.make_jaxpr`) it is a plain `jax.jit` of the function, whose
+    program is the caller's to compile (jax takes compiler options only on the outermost jit; it
+    may reuse a trace made for one way for the other, which can change the batching, not results).
+    `lower`, `trace`, `eval_shape` and the other attributes of a jitted function go to `jitted`."""
 
     def __init__(self, fun: Callable, choice_args: tuple[ModelConfig, PlannerConfig, int]):
         self._fun, self._choice_args = fun, choice_args
+        self._dots: str | None = None
+        self._jitted: Callable | None = None
+        self._lock = threading.Lock()
         self._nested = jax.jit(fun)
 
-    @functools.cached_property
+    @property
     def jitted(self):
-        return jax.jit(self._fun, compiler_options=compiler_options(*self._choice_args))
+        with self._lock:  # one measurement however many threads call first
+            if self._jitted is None:
+                self._dots = cpu_dots(*self._choice_args)
+                self._jitted = jax.jit(self._fun, compiler_options=_dot_options(self._dots))
+        return self._jitted
 
     def __call__(self, *args, **kwargs):
         if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs))):
             return self._nested(*args, **kwargs)
-        return self.jitted(*args, **kwargs)
+        jitted = self.jitted
+        token = _TRACED_DOTS.set(self._dots)
+        try:
+            return jitted(*args, **kwargs)
+        except ValueError as err:  # inside a caller's trace that the arguments did not show
+            if "compiler_options" not in str(err):
+                raise
+        finally:
+            _TRACED_DOTS.reset(token)
+        return self._nested(*args, **kwargs)
 
     def lower(self, *args, **kwargs):
-        return self.jitted.lower(*args, **kwargs)
+        jitted = self.jitted
+        token = _TRACED_DOTS.set(self._dots)
+        try:
+            return jitted.lower(*args, **kwargs)
+        finally:
+            _TRACED_DOTS.reset(token)
 
     def _cache_size(self) -> int:
         return self.jitted._cache_size()
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):  # not set yet (copies, pickling): no choice to make
+            raise AttributeError(name)
+        return getattr(self.jitted, name)

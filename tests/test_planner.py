@@ -341,14 +341,42 @@ def test_eigen_dots_compile_without_library_fusions(cfg, params):
     texts = {dots: planner.make_planner(cfg, dataclasses.replace(SMALL, cpu_dots=dots), ACTION_DIM)
              .lower(params, state, jax.random.PRNGKey(21)).compile().as_text() for dots in PLAN_CPU_DOTS}
     assert "__ynn_fusion" in texts["xla"] and "ynn" not in texts["eigen"]
-    # Inside a user's own jit (whose options rule) and under vmap, the same plan still works.
+    # Inside a user's own jit (whose options rule; arguments traced or closed over), a scan and a
+    # vmap, the same plan still works.
     plan = planner.make_planner(cfg, dataclasses.replace(SMALL, cpu_dots="eigen"), ACTION_DIM)
     key = jax.random.PRNGKey(21)
     direct = plan(params, state, key)
     assert_trees_close(jax.jit(plan)(params, state, key), direct, rtol=0, atol=1e-5)
+    assert_trees_close(jax.jit(lambda: plan(params, state, key))(), direct, rtol=0, atol=1e-5)
+    scanned = jax.lax.scan(lambda c, _: (c, plan(params, state, key)), 0, None, length=2)[1]
+    assert_trees_close(scanned, jax.tree.map(lambda x: jnp.stack([x, x]), direct), rtol=0, atol=1e-5)
     states = jax.tree.map(lambda x: jnp.stack([x, x]), state)
     assert_trees_close(jax.vmap(plan, (None, 0, None))(params, states, key), jax.tree.map(lambda x: jnp.stack([x, x]), direct),
                        rtol=0, atol=1e-5)
     assert planner.compiler_options(cfg, dataclasses.replace(SMALL, cpu_dots="eigen"), ACTION_DIM) \
         == {planner._YNN_OPTION: ""}
     assert planner.compiler_options(cfg, dataclasses.replace(SMALL, cpu_dots="xla"), ACTION_DIM) is None
+
+
+def test_a_cpu_dots_jit_traces_with_its_choice_and_nested_with_xla(cfg):
+    """What `plan_batching` reads while a program is traced: the choice of the CpuDotsJit compiling
+    it, and XLA's default inside a caller's own jit."""
+    seen = []
+
+    def jit_eigen():  # a new function each time: jax would reuse one's trace for another call
+        def fun(x):
+            seen.append(planner._TRACED_DOTS.get())
+            return x + 1
+        return planner.jit_with_cpu_dots(fun, cfg, dataclasses.replace(SMALL, cpu_dots="eigen"), ACTION_DIM)
+
+    expected = "eigen" if jax.default_backend() == "cpu" and planner._ynn_option_known() else "xla"
+    assert float(jit_eigen()(np.float32(1))) == 2.0 and seen == [expected]
+    nested = jit_eigen()
+    assert float(jax.jit(lambda x: nested(x) * 2)(np.float32(1))) == 4.0 and seen == [expected, "xla"]
+    assert float(jit_eigen().lower(np.float32(1)).compile()(np.float32(2))) == 3.0
+    assert seen == [expected, "xla", expected] and planner._TRACED_DOTS.get() == "xla"
+
+
+def test_make_planner_rejects_an_unknown_cpu_dots(cfg):
+    with pytest.raises(ValueError, match="planner.cpu_dots must be one of auto, default, xla, eigen, got 'mkl'"):
+        planner.make_planner(cfg, dataclasses.replace(SMALL, cpu_dots="mkl"), ACTION_DIM)
