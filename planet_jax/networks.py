@@ -6,6 +6,7 @@ explicit parameter pytree (see `init_params`). Images are NHWC, 64x64x3.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import math
 import types
@@ -111,6 +112,50 @@ class RewardModel(nn.Module):
         return nn.Dense(1)(x)[..., 0]
 
 
+class GateWeights(nn.Module):
+    """Parameters only: 'kernel' of `shape` drawn by `kernel_init`, and with `use_bias` a zero 'bias'
+    (shape[-1],): what `nn.Dense` of the same name would hold; returns (kernel, bias or None)."""
+    shape: tuple[int, int]
+    kernel_init: Any
+    use_bias: bool
+
+    @nn.compact
+    def __call__(self) -> tuple[jax.Array, jax.Array | None]:
+        kernel = self.param("kernel", self.kernel_init, self.shape, jnp.float32)
+        if not self.use_bias:
+            return kernel, None
+        return kernel, self.param("bias", nn.initializers.zeros_init(), self.shape[-1:], jnp.float32)
+
+
+class GRUCell(nn.Module):
+    """`flax.linen.GRUCell`'s gated recurrent unit (Cho et al. 2014) with its parameters ('ir', 'iz',
+    'in' with biases, 'hr', 'hz' without, 'hn' with; the same initialisers, so the same values for
+    the same key), its gates' input products computed as one matmul and its state's as another,
+    as `torch.nn.GRUCell` does, instead of six:
+
+        r = sigmoid(x W_ir + b_ir + h W_hr),  z = sigmoid(x W_iz + b_iz + h W_hz),
+        n = tanh(x W_in + b_in + r * (h W_hn + b_hn)),  h' = (1 - z) * n + z * h.
+
+    Called as flax's cell: (h (..., features), x (..., in)) -> (h', h'), float32. Its matmul operands
+    are rounded as `dense_operands` asks (the type in force when the cell is traced)."""
+    features: int
+
+    @nn.compact
+    def __call__(self, h: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        n, d = self.features, x.shape[-1]
+        inputs = [GateWeights((d, n), nn.linear.default_kernel_init, True, name=k)() for k in ("ir", "iz", "in")]
+        state = [GateWeights((n, n), nn.initializers.orthogonal(), k == "hn", name=k)() for k in ("hr", "hz", "hn")]
+        dtype = _DENSE_OPERANDS.get()
+        x_rzn = ops.dot(x, jnp.concatenate([w for w, _ in inputs], -1), dtype) + jnp.concatenate([b for _, b in inputs])
+        h_rzn = ops.dot(h, jnp.concatenate([w for w, _ in state], -1), dtype)
+        x_r, x_z, x_n = jnp.split(x_rzn, 3, -1)
+        h_r, h_z, h_n = jnp.split(h_rzn, 3, -1)
+        r, z = jax.nn.sigmoid(x_r + h_r), jax.nn.sigmoid(x_z + h_z)
+        candidate = jnp.tanh(x_n + r * (h_n + state[2][1]))
+        h_new = (1.0 - z) * candidate + z * h
+        return h_new, h_new
+
+
 class Transition(nn.Module):
     """h_t = f(h_{t-1}, s_{t-1}, a_{t-1}) and the prior p(s_t | h_t) (raw mean and std outputs).
 
@@ -126,7 +171,7 @@ class Transition(nn.Module):
         if cfg.kind == "ssm":
             h_t = nn.relu(nn.Dense(cfg.h_size, name="ssm_hidden")(x))
         else:
-            h_t, _ = nn.GRUCell(cfg.h_size, name="gru")(h_tm1, x)
+            h_t, _ = GRUCell(cfg.h_size, name="gru")(h_tm1, x)
         y = nn.relu(nn.Dense(cfg.hidden, name="prior_hidden")(h_t))
         return h_t, nn.Dense(2 * cfg.s_size, name="prior_out")(y)
 
@@ -164,6 +209,10 @@ def apply(params: Params, cfg: ModelConfig, part: str, *inputs: jax.Array, metho
     return modules(cfg)[part].apply({"params": params[part]}, *inputs, method=method)
 
 
+# The operand type `dense_operands` asks for, read by `GRUCell`'s own matmuls.
+_DENSE_OPERANDS: contextvars.ContextVar[str] = contextvars.ContextVar("dense_operands", default="float32")
+
+
 @contextlib.contextmanager
 def dense_operands(dtype: str) -> Iterator[None]:
     """Rounds the operands of flax's `nn.Dense` layers: within this context, every `nn.Dense` (not
@@ -177,7 +226,8 @@ def dense_operands(dtype: str) -> Iterator[None]:
     traced outside the context keeps float32 operands when later called inside it, and the other
     way round (the planner enters it within its own jitted function). flax's GRU cell builds its
     own dense layers, which a method interceptor (`flax.linen.intercept_methods`) reaches without a
-    copy of the cell. Used by the planner's optional bfloat16 rollouts (`PlannerConfig.matmul_dtype`).
+    copy of the cell; this module's `GRUCell` reads the type directly. Used by the planner's
+    optional bfloat16 rollouts (`PlannerConfig.matmul_dtype`).
 
     Raises ValueError for a dtype not in config.MATMUL_DTYPES.
     """
@@ -193,8 +243,12 @@ def dense_operands(dtype: str) -> Iterator[None]:
         y = ops.dot(args[0] if args else kwargs["inputs"], module.get_variable("params", "kernel"), dtype)
         return y + module.get_variable("params", "bias") if module.use_bias else y
 
-    with nn.intercept_methods(rounded_dense):
-        yield
+    token = _DENSE_OPERANDS.set(dtype)
+    try:
+        with nn.intercept_methods(rounded_dense):
+            yield
+    finally:
+        _DENSE_OPERANDS.reset(token)
 
 
 def init_params(cfg: ModelConfig, action_dim: int, key: jax.Array) -> Params:

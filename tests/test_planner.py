@@ -219,9 +219,10 @@ def to_bf16(x):
     return np.asarray(np.asarray(x, np.float32).astype(jnp.bfloat16), np.float64)
 
 
+@pytest.mark.parametrize("gru", [nn.GRUCell, networks.GRUCell])
 @pytest.mark.parametrize("dtype", MATMUL_DTYPES)
-def test_dense_operands_round_each_matmul_operand_and_nothing_else(dtype):
-    """A flax Dense layer and flax's GRU cell under networks.dense_operands against float64 numpy
+def test_dense_operands_round_each_matmul_operand_and_nothing_else(dtype, gru):
+    """A flax Dense layer and a GRU cell (flax's, planet_jax's) under networks.dense_operands against float64 numpy
     versions whose matmul operands are rounded to `dtype` (the GRU in flax's gate layout: biases on
     the input layers and on hn); for bfloat16 they differ from the unrounded versions by far more
     than float32's error, so the rounding happened. One layer at a time, from the same float32
@@ -230,7 +231,7 @@ def test_dense_operands_round_each_matmul_operand_and_nothing_else(dtype):
     k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(7), 4)
     x = jax.random.normal(k1, (3, 8, 12))  # two leading axes
     h = jax.random.uniform(k2, (3, 8, 16), minval=-1)
-    dense, cell = nn.Dense(16), nn.GRUCell(16)
+    dense, cell = nn.Dense(16), gru(16)
     p_dense = with_random_biases(dense.init(k3, x)["params"], k4)
     p_cell = with_random_biases(cell.init(k3, h, x)["params"], k4)
 

@@ -162,3 +162,34 @@ def test_gaussian_sample_and_log_likelihood_equal_the_closed_forms():
     got = dist.distribution().log_prob(jnp.asarray(x, jnp.float32))
     assert got.shape == (3, 5)
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_gru_cell_is_flaxs_cell_with_two_matmuls():
+    """networks.GRUCell: flax's parameters and initial values for the same key, and flax's cell's
+    outputs and gradients (inputs and every parameter), on inputs with two leading axes and random
+    biases; the outputs also against a float64 numpy cell written from the GRU's equations."""
+    import flax.linen as nn
+    k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(11), 4)
+    x = jax.random.normal(k1, (3, 5, 12))
+    h = jax.random.uniform(k2, (3, 5, 16), minval=-1)
+    ours, flax_cell = networks.GRUCell(16), nn.GRUCell(16)
+    params = ours.init(k3, h, x)["params"]
+    assert_trees_close(params, flax_cell.init(k3, h, x)["params"], rtol=0, atol=0)
+    params = jax.tree.map(lambda v, k: v + 0.3 * jax.random.normal(k, v.shape), params,
+                          jax.tree.unflatten(jax.tree.structure(params),
+                                             list(jax.random.split(k4, len(jax.tree.leaves(params))))))
+
+    def run(cell):
+        return lambda p, h, x: cell.apply({"params": p}, h, x)[0]
+
+    got = run(ours)(params, h, x)
+    assert_trees_close(got, run(flax_cell)(params, h, x), rtol=1e-5, atol=1e-6)
+    p = jax.tree.map(lambda v: np.asarray(v, np.float64), params)
+    xs, hs = np.asarray(x, np.float64), np.asarray(h, np.float64)
+    lin = lambda v, g: v @ p[g]["kernel"] + p[g].get("bias", 0.0)
+    sigmoid = lambda v: 1 / (1 + np.exp(-v))
+    r, z = sigmoid(lin(xs, "ir") + lin(hs, "hr")), sigmoid(lin(xs, "iz") + lin(hs, "hz"))
+    n = np.tanh(lin(xs, "in") + r * lin(hs, "hn"))
+    np.testing.assert_allclose(got, (1 - z) * n + z * hs, rtol=1e-5, atol=1e-5)
+    loss = lambda cell: jax.grad(lambda p, h, x: jnp.sum(jnp.sin(run(cell)(p, h, x))), (0, 1, 2))
+    assert_trees_close(loss(ours)(params, h, x), loss(flax_cell)(params, h, x), rtol=1e-5, atol=1e-5)
