@@ -3,12 +3,12 @@
 Several of planet_jax's speed choices depend on the machine more than on the model: how a stride-2
 convolution layer is computed (`ops.CONV_IMPLS`), how many sequences the encoder and decoder see at
 a time (`objective.image_group`), how XLA:CPU runs the planner's matmuls (`planner.cpu_dots`),
-and whether the planner maps or vmaps over environments (`planner.PLAN_BATCHING`). Like XLA's and cuDNN's autotuners, `choose` times each candidate once
-for the shapes in use, at trace time or (the planner's matmuls) at a function's first call (in
-Python, never inside jit), remembers the timings, and
-takes the fastest (or the default, unless the fastest saves at least the op's `min_gain` of its
-time; decided again from the remembered timings on every call, so a changed rule needs no new
-measurement):
+and whether the planner maps or vmaps over environments (`planner.PLAN_BATCHING`). Like XLA's and
+cuDNN's autotuners, `choose` times each candidate once for the shapes in use, when a function is
+traced or (the planner's matmuls) first called, in a worker thread outside any trace, remembers
+the timings, and takes the fastest (or the default, unless the fastest saves at least the op's
+`min_gain` of its time; decided again from the remembered timings on every call, so a changed
+rule needs no new measurement):
 
   cache   one JSON file, `cache_dir() / "autotune.json"`: {"version": 2, "entries": {machine:
           {op: {shape key: {"choice": name, "seconds": {name: s}}}}}}, where machine is

@@ -128,16 +128,19 @@ class GateWeights(nn.Module):
 
 
 class GRUCell(nn.Module):
-    """`flax.linen.GRUCell`'s gated recurrent unit (Cho et al. 2014) with its parameters ('ir', 'iz',
-    'in' with biases, 'hr', 'hz' without, 'hn' with; the same initialisers, so the same values for
-    the same key), its gates' input products computed as one matmul and its state's as another,
-    as `torch.nn.GRUCell` does, instead of six:
+    """`flax.linen.GRUCell`'s gated recurrent unit with its parameters ('ir', 'iz', 'in' with biases,
+    'hr', 'hz' without, 'hn' with; the same initialisers, so the same values for the same key), its
+    gates' input products computed as one matmul and its state's as another, as `torch.nn.GRUCell`
+    does, instead of six. The cell is the reset-after variant of Cho et al. (2014) that flax,
+    PyTorch and cuDNN compute (the reset gate applied after the state's product):
 
         r = sigmoid(x W_ir + b_ir + h W_hr),  z = sigmoid(x W_iz + b_iz + h W_hz),
         n = tanh(x W_in + b_in + r * (h W_hn + b_hn)),  h' = (1 - z) * n + z * h.
 
-    Called as flax's cell: (h (..., features), x (..., in)) -> (h', h'), float32. Its matmul operands
-    are rounded as `dense_operands` asks (the type in force when the cell is traced)."""
+    Called as flax's cell: (h (..., features), x (..., in)) -> (h', h'), float32; `features` must
+    be h's last axis (flax's cell reads it from h). None of flax's options (gate and activation
+    functions, initialisers, dtype, param_dtype, initialize_carry). Its matmul operands are rounded
+    as `dense_operands` asks (the type in force when the cell is traced)."""
     features: int
 
     @nn.compact

@@ -49,6 +49,9 @@ _YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 # The dots of the program being traced (set by `CpuDotsJit` around its top-level calls), which
 # `plan_batching` times its candidates with: 'xla' inside a caller's own jit, whose options rule.
 _TRACED_DOTS: contextvars.ContextVar[str] = contextvars.ContextVar("planner_traced_dots", default="xla")
+# Revision of the decision's program in the planner's cached timings (`autotune.revision`): 2 since
+# the GRU's gates became two matmuls (`networks.GRUCell`).
+_PLAN_REVISION = " r2"
 
 
 def shift_plan(mean: jax.Array) -> jax.Array:
@@ -129,7 +132,7 @@ def plan_batching(model_cfg: ModelConfig, planner_cfg: PlannerConfig, action_dim
     candidates = {b: functools.partial(_timed_plan, model_cfg, planner_cfg, action_dim, n, b, dots)
                   for b in PLAN_BATCHING}
     # A batching timed with Eigen's dots is cached apart; keys of XLA's default dots stay as they were.
-    key = _plan_key(model_cfg, planner_cfg, action_dim, n) + (" eigen dots" if dots == "eigen" else "")
+    key = _plan_key(model_cfg, planner_cfg, action_dim, n, " eigen dots" if dots == "eigen" else "")
     return tuner.choose("planner.batching", key, candidates, default, pin,
                         _decision_gflop(model_cfg, planner_cfg, action_dim))
 
@@ -185,11 +188,13 @@ def _ynn_option_known() -> bool:
         return pool.submit(probe).result()
 
 
-def _plan_key(model_cfg: ModelConfig, planner_cfg: PlannerConfig, action_dim: int, n: int) -> str:
+def _plan_key(model_cfg: ModelConfig, planner_cfg: PlannerConfig, action_dim: int, n: int, extra: str = "") -> str:
+    """The planner's shape key: sizes, settings, `extra` and the revision, last (`autotune.revision`)."""
     p, m = planner_cfg, model_cfg
     return (f"N{n} H{p.horizon} I{p.iterations} J{p.candidates} K{p.top_k} warm{int(p.warm_start)} a{action_dim} "
             f"{m.kind} h{m.h_size} s{m.s_size} hidden{m.hidden} reward{m.reward_hidden}x{m.reward_layers} "
-            f"unroll{IMAGINE_UNROLL}" + ("" if p.matmul_dtype == "float32" else f" {p.matmul_dtype}"))
+            f"unroll{IMAGINE_UNROLL}" + ("" if p.matmul_dtype == "float32" else f" {p.matmul_dtype}")
+            + extra + _PLAN_REVISION)
 
 
 def _decision_gflop(model_cfg: ModelConfig, planner_cfg: PlannerConfig, action_dim: int) -> float:
@@ -256,14 +261,17 @@ class CpuDotsJit:
     `lax.scan`, `vmap`, `grad` or `jax.make_jaxpr`) it is a plain `jax.jit` of the function, whose
     program is the caller's to compile (jax takes compiler options only on the outermost jit; it
     may reuse a trace made for one way for the other, which can change the batching, not results).
-    `lower`, `trace`, `eval_shape` and the other attributes of a jitted function go to `jitted`."""
+    `lower`, `trace`, `eval_shape` and the other attributes of a jitted function go to `jitted`.
+    Not picklable (nor was jax.jit's function of a closure)."""
 
     def __init__(self, fun: Callable, choice_args: tuple[ModelConfig, PlannerConfig, int]):
         self._fun, self._choice_args = fun, choice_args
         self._dots: str | None = None
         self._jitted: Callable | None = None
         self._lock = threading.Lock()
-        self._nested = jax.jit(fun)
+        # A function object of its own: jax keys its traces by function, not by compiler options
+        # or `_TRACED_DOTS`, and would reuse `jitted`'s trace (timed for other dots) here.
+        self._nested = jax.jit(functools.partial(fun))
 
     @property
     def jitted(self):
@@ -288,10 +296,19 @@ class CpuDotsJit:
         return self._nested(*args, **kwargs)
 
     def lower(self, *args, **kwargs):
+        return self._traced("lower", *args, **kwargs)
+
+    def trace(self, *args, **kwargs):
+        return self._traced("trace", *args, **kwargs)
+
+    def eval_shape(self, *args, **kwargs):
+        return self._traced("eval_shape", *args, **kwargs)
+
+    def _traced(self, method: str, *args, **kwargs):
         jitted = self.jitted
         token = _TRACED_DOTS.set(self._dots)
         try:
-            return jitted.lower(*args, **kwargs)
+            return getattr(jitted, method)(*args, **kwargs)
         finally:
             _TRACED_DOTS.reset(token)
 
@@ -299,6 +316,8 @@ class CpuDotsJit:
         return self.jitted._cache_size()
 
     def __getattr__(self, name: str):
-        if name.startswith("_"):  # not set yet (copies, pickling): no choice to make
+        # Private names (not set yet, as in a copy) and this class's own (an AttributeError raised
+        # while making `jitted`) are not looked up on `jitted`: that would recurse.
+        if name.startswith("_") or name in type(self).__dict__:
             raise AttributeError(name)
         return getattr(self.jitted, name)

@@ -529,7 +529,7 @@ def test_cpu_dots_measured_pinned_or_default(tmp_path, monkeypatch):
     finally:
         planner._TRACED_DOTS.reset(token)
     batching_keys = list(autotune.choices(tuner(tmp_path / "a", never_timed))["planner.batching"])
-    assert len(batching_keys) == 1 and batching_keys[0].endswith(" eigen dots")
+    assert len(batching_keys) == 1 and batching_keys[0].endswith(" eigen dots" + planner._PLAN_REVISION)
     # Pinned, the default, the search off: never timed.
     never = tuner(tmp_path / "c", never_timed)
     for pin, expected in (("eigen", "eigen"), ("xla", "xla"), ("default", "xla")):

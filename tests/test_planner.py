@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from planet_jax import networks, planner, rssm
+from planet_jax import autotune, networks, planner, rssm
 from planet_jax.config import MATMUL_DTYPES, PLAN_BATCHING, PLAN_CPU_DOTS, PlannerConfig
 from tests.conftest import ACTION_DIM, assert_trees_close, tiny_model
 from tests.test_cem import count_eqns
@@ -299,8 +299,8 @@ def test_plan_multiplies_in_the_configured_dtype(kind, matmul_dtype):
 
 
 def test_plan_batching_is_cached_apart_per_matmul_dtype(cfg):
-    """The batching measured with bfloat16 operands is stored under its own key; float32's key is
-    the one used before the setting existed, so choices already cached stay valid."""
+    """The batching measured with bfloat16 operands is stored under its own key; float32's key has
+    no dtype word, and both end in the planner's revision (`autotune.revision` reads it there)."""
     keys = []
 
     class Spy:
@@ -311,7 +311,10 @@ def test_plan_batching_is_cached_apart_per_matmul_dtype(cfg):
 
     for dtype in MATMUL_DTYPES:
         planner.plan_batching(cfg, dataclasses.replace(SMALL, matmul_dtype=dtype), ACTION_DIM, N, Spy())
-    assert keys[0].endswith(f"unroll{planner.IMAGINE_UNROLL}") and keys[1] == keys[0] + " bfloat16"
+    revision = planner._PLAN_REVISION
+    assert keys[0].endswith(f"unroll{planner.IMAGINE_UNROLL}{revision}")
+    assert keys[1] == keys[0][:-len(revision)] + " bfloat16" + revision
+    assert autotune.revision(keys[1]) == (keys[1][:-len(revision)], 2)
 
 
 @pytest.mark.parametrize("warm_start", [False, True])
@@ -381,3 +384,23 @@ def test_a_cpu_dots_jit_traces_with_its_choice_and_nested_with_xla(cfg):
 def test_make_planner_rejects_an_unknown_cpu_dots(cfg):
     with pytest.raises(ValueError, match="planner.cpu_dots must be one of auto, default, xla, eigen, got 'mkl'"):
         planner.make_planner(cfg, dataclasses.replace(SMALL, cpu_dots="mkl"), ACTION_DIM)
+
+
+def test_the_batching_is_chosen_for_the_dots_each_call_compiles_with(cfg, params, monkeypatch):
+    """plan_batching, called while a decision is traced, sees 'eigen' only in the program compiled
+    with Eigen's dots: a plain call; inside a caller's jit (arguments traced or closed over) the
+    caller's options rule, so 'xla', also after a plain call traced the same shapes."""
+    seen = []
+    monkeypatch.setattr(planner, "plan_batching", lambda *args, **kwargs: (seen.append(planner._TRACED_DOTS.get()), "map")[1])
+    expected = "eigen" if jax.default_backend() == "cpu" and planner._ynn_option_known() else "xla"
+    eigen = dataclasses.replace(SMALL, cpu_dots="eigen")
+    state = random_states(cfg, jax.random.PRNGKey(22), (N,))
+    keys = jax.random.split(jax.random.PRNGKey(23), N)
+    plan = planner.make_planner(cfg, eigen, ACTION_DIM)
+    plan(params, state, keys)
+    jax.jit(plan)(params, state, keys)
+    assert seen == [expected, "xla"]
+    seen.clear()
+    closed = planner.make_planner(cfg, eigen, ACTION_DIM)
+    jax.jit(lambda: closed(params, state, keys))()
+    assert seen[-1] == "xla"  # the trace the caller's program holds (an Eigen one may come first)
