@@ -49,14 +49,19 @@ class Encoder(nn.Module):
 
 
 class Weights(nn.Module):
-    """Parameters only: 'kernel' of `kernel_shape` and 'bias' (kernel_shape[-1],), initialised as
-    `nn.Dense` and `nn.ConvTranspose` initialise theirs (LeCun normal, zeros); returns both, for
-    layers that are computed together (`ops.dense_conv_transpose_1x1`)."""
+    """Parameters only: 'kernel' of `kernel_shape` drawn by `kernel_init` and, with `use_bias`, a
+    zero 'bias' (kernel_shape[-1],): by default what `nn.Dense` and `nn.ConvTranspose` of the same
+    name hold (LeCun normal, zeros). Returns (kernel, bias or None), for layers that are computed
+    together (`ops.dense_conv_transpose_1x1`, `GRUCell`'s gates)."""
     kernel_shape: tuple[int, ...]
+    kernel_init: Any = nn.linear.default_kernel_init
+    use_bias: bool = True
 
     @nn.compact
-    def __call__(self) -> tuple[jax.Array, jax.Array]:
-        kernel = self.param("kernel", nn.linear.default_kernel_init, self.kernel_shape, jnp.float32)
+    def __call__(self) -> tuple[jax.Array, jax.Array | None]:
+        kernel = self.param("kernel", self.kernel_init, self.kernel_shape, jnp.float32)
+        if not self.use_bias:
+            return kernel, None
         return kernel, self.param("bias", nn.initializers.zeros_init(), self.kernel_shape[-1:], jnp.float32)
 
 
@@ -112,21 +117,6 @@ class RewardModel(nn.Module):
         return nn.Dense(1)(x)[..., 0]
 
 
-class GateWeights(nn.Module):
-    """Parameters only: 'kernel' of `shape` drawn by `kernel_init`, and with `use_bias` a zero 'bias'
-    (shape[-1],): what `nn.Dense` of the same name would hold; returns (kernel, bias or None)."""
-    shape: tuple[int, int]
-    kernel_init: Any
-    use_bias: bool
-
-    @nn.compact
-    def __call__(self) -> tuple[jax.Array, jax.Array | None]:
-        kernel = self.param("kernel", self.kernel_init, self.shape, jnp.float32)
-        if not self.use_bias:
-            return kernel, None
-        return kernel, self.param("bias", nn.initializers.zeros_init(), self.shape[-1:], jnp.float32)
-
-
 class GRUCell(nn.Module):
     """`flax.linen.GRUCell`'s gated recurrent unit with its parameters ('ir', 'iz', 'in' with biases,
     'hr', 'hz' without, 'hn' with; the same initialisers, so the same values for the same key), its
@@ -146,8 +136,8 @@ class GRUCell(nn.Module):
     @nn.compact
     def __call__(self, h: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         n, d = self.features, x.shape[-1]
-        inputs = [GateWeights((d, n), nn.linear.default_kernel_init, True, name=k)() for k in ("ir", "iz", "in")]
-        state = [GateWeights((n, n), nn.initializers.orthogonal(), k == "hn", name=k)() for k in ("hr", "hz", "hn")]
+        inputs = [Weights((d, n), name=k)() for k in ("ir", "iz", "in")]
+        state = [Weights((n, n), nn.initializers.orthogonal(), k == "hn", name=k)() for k in ("hr", "hz", "hn")]
         dtype = _DENSE_OPERANDS.get()
         x_rzn = ops.dot(x, jnp.concatenate([w for w, _ in inputs], -1), dtype) + jnp.concatenate([b for _, b in inputs])
         h_rzn = ops.dot(h, jnp.concatenate([w for w, _ in state], -1), dtype)

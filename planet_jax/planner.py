@@ -131,7 +131,7 @@ def plan_batching(model_cfg: ModelConfig, planner_cfg: PlannerConfig, action_dim
     dots = _TRACED_DOTS.get() if pin == "auto" else "xla"
     candidates = {b: functools.partial(_timed_plan, model_cfg, planner_cfg, action_dim, n, b, dots)
                   for b in PLAN_BATCHING}
-    # A batching timed with Eigen's dots is cached apart; keys of XLA's default dots stay as they were.
+    # A batching timed with Eigen's dots is cached apart from one timed with XLA's default dots.
     key = _plan_key(model_cfg, planner_cfg, action_dim, n, " eigen dots" if dots == "eigen" else "")
     return tuner.choose("planner.batching", key, candidates, default, pin,
                         _decision_gflop(model_cfg, planner_cfg, action_dim))
@@ -284,15 +284,11 @@ class CpuDotsJit:
     def __call__(self, *args, **kwargs):
         if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((args, kwargs))):
             return self._nested(*args, **kwargs)
-        jitted = self.jitted
-        token = _TRACED_DOTS.set(self._dots)
         try:
-            return jitted(*args, **kwargs)
+            return self._traced("__call__", *args, **kwargs)
         except ValueError as err:  # inside a caller's trace that the arguments did not show
             if "compiler_options" not in str(err):
                 raise
-        finally:
-            _TRACED_DOTS.reset(token)
         return self._nested(*args, **kwargs)
 
     def lower(self, *args, **kwargs):
@@ -305,6 +301,7 @@ class CpuDotsJit:
         return self._traced("eval_shape", *args, **kwargs)
 
     def _traced(self, method: str, *args, **kwargs):
+        """`jitted`'s `method` with `_TRACED_DOTS` set to its dots while it may trace."""
         jitted = self.jitted
         token = _TRACED_DOTS.set(self._dots)
         try:
