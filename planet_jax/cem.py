@@ -21,6 +21,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from planet_jax import prng
+
 Objective = Callable[[jax.Array, jax.Array], jax.Array]
 """objective(actions (J, H, A), key) -> scores (J,), higher is better."""
 
@@ -60,7 +62,7 @@ def cem(objective: Objective, key: jax.Array, *, horizon: int, action_dim: int, 
         k_sample, k_objective = jax.random.split(jax.random.fold_in(key, i))
         # A (J, H, A) draw's random bits, drawn as (J, H * A): threefry numbers them by flat index,
         # and XLA:CPU draws them faster along a long minor axis than along A.
-        eps = jax.random.normal(k_sample, (candidates, horizon * action_dim), dtype).reshape((candidates,) + shape)
+        eps = prng.normal(k_sample, (candidates, horizon * action_dim), dtype).reshape((candidates,) + shape)
         actions = jnp.clip(mean + std * eps, low, high)
         scores = objective(actions, k_objective)
         chex.assert_shape(scores, (candidates,))

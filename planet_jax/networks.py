@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from planet_jax import ops
+from planet_jax import ops, prng
 from planet_jax.config import ModelConfig
 from planet_jax.ops import Conv, Deconv, relu
 
@@ -315,7 +315,7 @@ def dequantisation_noise(key: jax.Array, shape: tuple[int, ...], bins: float) ->
     # The words of `jax.random.bits(key, (*lead, half, c))`, drawn with the axes after the first
     # merged: threefry numbers each word by its flat index, so the words are the same, and XLA:CPU
     # draws them faster along one long minor axis than along a minor axis of c channels.
-    words = jax.random.bits(key, (*lead[:1], math.prod(lead[1:]) * half * c), jnp.uint32)
+    words = prng.bits(key, (*lead[:1], math.prod(lead[1:]) * half * c))
     words = words.reshape(*lead, half, c)
     u = jnp.concatenate([words >> NOISE_BITS, words & (2 ** NOISE_BITS - 1)], axis=-2)
     return (u[..., :w, :].astype(jnp.float32) + 0.5) / (2 ** NOISE_BITS * bins)

@@ -50,8 +50,8 @@ _YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 # `plan_batching` times its candidates with: 'xla' inside a caller's own jit, whose options rule.
 _TRACED_DOTS: contextvars.ContextVar[str] = contextvars.ContextVar("planner_traced_dots", default="xla")
 # Revision of the decision's program in the planner's cached timings (`autotune.revision`): 2 since
-# the GRU's gates became two matmuls (`networks.GRUCell`).
-_PLAN_REVISION = " r2"
+# the GRU's gates became two matmuls (`networks.GRUCell`), 3 since the draws became `prng`'s.
+_PLAN_REVISION = " r3"
 
 
 def shift_plan(mean: jax.Array) -> jax.Array:

@@ -20,7 +20,7 @@ import distrax
 import jax
 import jax.numpy as jnp
 
-from planet_jax import networks
+from planet_jax import networks, prng
 from planet_jax.config import ModelConfig
 from planet_jax.networks import Params
 
@@ -67,6 +67,15 @@ def sample(cfg: ModelConfig, dist: Gaussian, key: jax.Array) -> jax.Array:
     if cfg.kind == "rnn":
         return dist.mean
     return dist.distribution().sample(seed=key)
+
+
+def reparameterised(cfg: ModelConfig, dist: Gaussian, eps: jax.Array) -> jax.Array:
+    """s = mean + std * eps for standard normal noise eps of dist's shape (..., |s|), differentiable
+    in mean and std; the mean for the deterministic 'rnn' variant."""
+    chex.assert_equal_shape([dist.mean, eps])
+    if cfg.kind == "rnn":
+        return dist.mean
+    return dist.mean + dist.std * eps
 
 
 def prior(params: Params, cfg: ModelConfig, state_tm1: RSSMState, a_tm1: jax.Array
@@ -126,15 +135,19 @@ def imagine(params: Params, cfg: ModelConfig, state0: RSSMState, a: jax.Array, k
             unroll: int = 1) -> tuple[RSSMState, Gaussian]:
     """Open-loop prior rollout from state0 under actions a (H, |a|); states and priors, leading H.
 
+    Step t samples s_t = mean_t + std_t * eps[t] (`reparameterised`) with eps ~ N(0, I) of shape
+    (H, |s|) drawn from `key` at once, `jax.random.normal(key, (H, |s|))` (by `prng.normal`, whose
+    unrolled hash XLA:CPU runs faster than jax's H draws inside the loop).
     unroll: steps per iteration of the compiled loop (`lax.scan`'s unroll); the values do not
     depend on it."""
     chex.assert_rank(a, 2)
 
     def step(state, inputs):
-        a_t, k = inputs
-        state, p = transition_step(params, cfg, state, a_t, k)
+        a_t, eps_t = inputs
+        h_t, p = prior(params, cfg, state, a_t)
+        state = RSSMState(h_t, reparameterised(cfg, p, eps_t))
         return state, (state, p)
 
-    keys = jax.random.split(key, a.shape[0])
-    _, out = jax.lax.scan(step, state0, (a, keys), unroll=unroll)
+    eps = prng.normal(key, (a.shape[0], cfg.s_size))
+    _, out = jax.lax.scan(step, state0, (a, eps), unroll=unroll)
     return out

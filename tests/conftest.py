@@ -62,6 +62,20 @@ def random_sequence(cfg, T, key, batch=()):
     return e, a
 
 
+def imagine_by_hand(params, cfg, state, actions, key):
+    """rssm.imagine's rollout as a plain loop: prior steps under actions (H, A), step t's sample
+    mean + std * eps[t] with eps = jax.random.normal(key, (H, |s|)) (the mean for 'rnn');
+    the (state, prior) of each step."""
+    from planet_jax import rssm
+    eps = jax.random.normal(key, (len(actions), cfg.s_size))
+    steps = []
+    for t, a_t in enumerate(actions):
+        h_t, p = rssm.prior(params, cfg, state, a_t)
+        state = rssm.RSSMState(h_t, p.mean if cfg.kind == "rnn" else p.mean + p.std * eps[t])
+        steps.append((state, p))
+    return steps
+
+
 def assert_trees_close(x, y, rtol=1e-5, atol=1e-5):
     jax.tree.map(lambda u, v: np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol,
                                                          atol=atol), x, y)

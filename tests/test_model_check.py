@@ -9,6 +9,7 @@ import pytest
 
 from experiments import model_check as model_check_cli
 from planet_jax import checkpoint, config, learner, model_check, networks, planner, rssm, rundir
+from tests.conftest import imagine_by_hand
 
 ENV = "cartpole_balance"
 
@@ -46,7 +47,7 @@ def _model(kind):
 
 
 def test_expected_rewards_average_prior_rollouts_stepped_by_hand():
-    """Each of the samples replayed as a plain loop of transition steps with the documented keys."""
+    """Each of the samples replayed as a plain loop of prior steps with the documented keys."""
     cfg, params, state = _model("rssm")
     N, H, samples = 2, 3, 3
     actions = jax.random.uniform(jax.random.PRNGKey(3), (N, H, 2), minval=-1, maxval=1)
@@ -56,9 +57,7 @@ def test_expected_rewards_average_prior_rollouts_stepped_by_hand():
     want = np.zeros((N, H))
     for k_sample in jax.random.split(key, samples):
         for n, k_seq in enumerate(jax.random.split(k_sample, N)):
-            s = state
-            for t, k_t in enumerate(jax.random.split(k_seq, H)):
-                s, _ = rssm.transition_step(params, cfg, s, actions[n, t], k_t)
+            for t, (s, _) in enumerate(imagine_by_hand(params, cfg, state, actions[n], k_seq)):
                 want[n, t] += float(networks.reward(params, cfg, rssm.features(s))) / samples
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     one = np.asarray(model_check.expected_rewards(params, cfg, state, actions, key, 1))

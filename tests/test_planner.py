@@ -9,7 +9,7 @@ import pytest
 
 from planet_jax import autotune, networks, planner, rssm
 from planet_jax.config import MATMUL_DTYPES, PLAN_BATCHING, PLAN_CPU_DOTS, PlannerConfig
-from tests.conftest import ACTION_DIM, assert_trees_close, tiny_model
+from tests.conftest import ACTION_DIM, assert_trees_close, imagine_by_hand, tiny_model
 from tests.test_cem import count_eqns
 
 SMALL = PlannerConfig(horizon=4, iterations=3, candidates=64, top_k=8)
@@ -187,7 +187,7 @@ def test_warm_start_sets_the_initial_mean(cfg, params, warm_start):
 
 
 def test_predicted_rewards_and_return_step_by_step(cfg, params):
-    """Per step and summed, against each candidate stepped by hand with imagine's keys (H not a
+    """Per step and summed, against each candidate stepped by hand with imagine's noise (H not a
     multiple of the rollout's unroll, so its loop has a remainder)."""
     J, H = 4, planner.IMAGINE_UNROLL + 2
     state = random_states(cfg, jax.random.PRNGKey(3))
@@ -196,10 +196,9 @@ def test_predicted_rewards_and_return_step_by_step(cfg, params):
     rewards = planner.predicted_rewards(params, cfg, state, actions, key)
     returns = planner.predicted_return(params, cfg, state, actions, key)
     assert rewards.shape == (J, H) and returns.shape == (J,)
-    for j, k in enumerate(jax.random.split(key, J)):  # each candidate, step by step, imagine's keys
-        total, s = 0.0, state
-        for t, k_t in enumerate(jax.random.split(k, H)):
-            s, _ = rssm.transition_step(params, cfg, s, actions[j, t], k_t)
+    for j, k in enumerate(jax.random.split(key, J)):  # each candidate, step by step, its own key
+        total = 0.0
+        for t, (s, _) in enumerate(imagine_by_hand(params, cfg, state, actions[j], k)):
             r_t = networks.reward(params, cfg, rssm.features(s))
             np.testing.assert_allclose(rewards[j, t], r_t, rtol=1e-5, atol=1e-5)
             total += r_t
@@ -314,7 +313,7 @@ def test_plan_batching_is_cached_apart_per_matmul_dtype(cfg):
     revision = planner._PLAN_REVISION
     assert keys[0].endswith(f"unroll{planner.IMAGINE_UNROLL}{revision}")
     assert keys[1] == keys[0][:-len(revision)] + " bfloat16" + revision
-    assert autotune.revision(keys[1]) == (keys[1][:-len(revision)], 2)
+    assert autotune.revision(keys[1]) == (keys[1][:-len(revision)], 3)
 
 
 @pytest.mark.parametrize("warm_start", [False, True])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from planet_jax import networks, rssm
-from tests.conftest import ACTION_DIM, assert_trees_close, random_sequence, tiny_model
+from tests.conftest import ACTION_DIM, assert_trees_close, imagine_by_hand, random_sequence, tiny_model
 
 
 @pytest.mark.parametrize("kind", ["rssm", "ssm", "rnn"])
@@ -37,12 +37,25 @@ def test_imagine_scan_equals_python_loop(kind, unroll):
                            jax.random.normal(jax.random.PRNGKey(6), (cfg.s_size,)))
     key = jax.random.PRNGKey(7)
     states, priors = rssm.imagine(params, cfg, start, a, key, unroll=unroll)
-    state = start
-    for t, k in enumerate(jax.random.split(key, H)):
-        h_t, p = rssm.prior(params, cfg, state, a[t])
-        s_t = p.mean if kind == "rnn" else p.mean + p.std * jax.random.normal(k, p.mean.shape)
-        state = rssm.RSSMState(h_t, s_t)
-        assert_trees_close(jax.tree.map(lambda x: x[t], (states, priors)), (state, p))
+    for t, step in enumerate(imagine_by_hand(params, cfg, start, a, key)):
+        assert_trees_close(jax.tree.map(lambda x: x[t], (states, priors)), step)
+
+
+@pytest.mark.parametrize("kind", ["rssm", "rnn"])
+def test_reparameterised_sample_is_distrax_sample(kind):
+    """The same s from the noise as distrax draws from the key (its sample is mean + std * N(0, I)
+    drawn with jax.random.normal), and differentiable in mean and std."""
+    cfg = tiny_model(kind=kind)
+    p = rssm.Gaussian(jax.random.normal(jax.random.PRNGKey(1), (3, cfg.s_size)),
+                      jnp.exp(jax.random.normal(jax.random.PRNGKey(2), (3, cfg.s_size))))
+    key = jax.random.PRNGKey(3)
+    eps = jax.random.normal(key, (3, cfg.s_size))
+    np.testing.assert_allclose(rssm.reparameterised(cfg, p, eps), rssm.sample(cfg, p, key), rtol=1e-6, atol=1e-6)
+    d_mean, d_std = jax.grad(lambda m, s: rssm.reparameterised(cfg, rssm.Gaussian(m, s), eps).sum(), (0, 1))(p.mean, p.std)
+    np.testing.assert_allclose(d_mean, np.ones(p.mean.shape))
+    np.testing.assert_allclose(d_std, np.zeros(p.std.shape) if kind == "rnn" else eps)
+    with pytest.raises(AssertionError):
+        rssm.reparameterised(cfg, p, eps[0])
 
 
 def test_variants_differ_in_recurrence_and_noise():
