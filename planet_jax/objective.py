@@ -14,6 +14,8 @@ log-likelihoods drop their constants: -log N(x; mu, I) = ||x - mu||^2 / 2 + cons
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -105,8 +107,9 @@ IMAGE_GROUP_MIN_GAIN = 0.1
 
 # Named in the group search's cache key once the layers its candidates run (at their default
 # formulations) have changed, so that group sizes timed with the old layers are timed again: r2,
-# conv_s2's 'mixed' became windows of paired rows.
-_GROUP_REVISION = " r2"
+# conv_s2's 'mixed' became windows of paired rows; r3, the decoder's gradients taken group by
+# group in its forward pass (`image_loss`).
+_GROUP_REVISION = " r3"
 # The layer passes' revisions (`ops._PASS_REVISION`) that _GROUP_REVISION was last weighed against:
 # a test fails when they differ, so that a revised layer default is not missed here.
 _GROUP_REVISION_LAYERS = {("conv_transpose_s2", "gradients"): " r2", ("conv_s2", "forward"): " r2",
@@ -173,22 +176,22 @@ def _timed_groups(cfg: ModelConfig, group: int, groups: int, length: int,
     o = autotune.random_array((groups, group * length, 64, 64, 3), 0, uniform=(-0.5, 0.5))
     head = autotune.random_array((groups, group * length, 5, 5, 4 * cfg.cnn_depth), 1)
     params = params()
+    grouped = dataclasses.replace(cfg, image_group=group)
+    frames = lambda v: v.reshape((groups * group, length) + v.shape[2:])
 
     def loss(p, head, o):  # o an argument: closed over, it would be a constant inside the program
-        def one(xs):
-            o, head = xs
-            e = networks.encode(p, cfg, o)
-            return jnp.sum(jnp.square(networks.decode_body(p, cfg, head) - o)) + jnp.sum(jnp.square(e))
-        return jnp.sum(jax.lax.map(one, (o, head)))
+        embeds = jax.lax.map(lambda o: jnp.sum(jnp.square(networks.encode(p, cfg, o))), o)
+        return jnp.sum(embeds) + _image_loss(grouped, "default", p["decoder"], frames(head), frames(o))
 
     with ops.conv_impl_scope(cfg.conv_impl, auto="default"):
         grads = jax.jit(jax.grad(loss, (0, 1))).lower(params, head, o).compile()
     return lambda: jax.block_until_ready(grads(params, head, o))
 
 
-def _by_groups(fn, xs, cfg: ModelConfig):
+def _by_groups(fn, xs, cfg: ModelConfig, scoped: bool = False):
     """fn over the pytree xs of per-frame values (B, T, ...), `image_group(cfg, ...)` sequences at
-    a time (see `ModelConfig.image_group`), with the conv layers as `ModelConfig.conv_impl` says.
+    a time (see `ModelConfig.image_group`), with the conv layers as `ModelConfig.conv_impl` says
+    (or, `scoped`, as the caller's `ops.conv_impl_scope` says).
     fn maps frames with any leading axes, (..., frame) -> (..., result), as the encoder and decoder do.
 
     Groups run one after another (`lax.map`), so the encoder's and decoder's large intermediates
@@ -197,7 +200,7 @@ def _by_groups(fn, xs, cfg: ModelConfig):
     """
     batch, length = jax.tree.leaves(xs)[0].shape[:2]
     group = image_group(cfg, batch, length)
-    with ops.conv_impl_scope(cfg.conv_impl):
+    with contextlib.nullcontext() if scoped else ops.conv_impl_scope(cfg.conv_impl):
         if group >= batch:
             return fn(xs)
         # fn sees whole groups (not lax.map's batch_size, which vmaps fn over each group's entries:
@@ -215,6 +218,65 @@ def _by_groups(fn, xs, cfg: ModelConfig):
         return ys
 
 
+def _image_nll(cfg: ModelConfig, decoder: networks.Params, head: jax.Array, o: jax.Array) -> jax.Array:
+    """-log p(o | h, s) up to its constant, per image: 0.5 ||decode_body(head) - o||^2, (...)."""
+    mean = networks.decode_body({"decoder": decoder}, cfg, head)
+    return 0.5 * jnp.sum(jnp.square(mean - o), (-3, -2, -1))
+
+
+def image_loss(params: networks.Params, cfg: ModelConfig, head: jax.Array, obs: jax.Array) -> jax.Array:
+    """The image term of the bound: -log p(o_t | h_t, s_t) up to its constant, averaged over the
+    batch's images (paper eq. 3's reconstruction term, unit-variance Gaussian).
+
+    head: float32 (B, T, 5, 5, 4 depth), `networks.decode_head` of the features; obs: float32
+    (B, T, 64, 64, 3) preprocessed frames (`networks.preprocess`). Returns a float32 scalar, nats
+    per image. Runs the decoder body by groups of sequences (`_by_groups`); differentiated, each
+    group's gradients are taken as soon as its forward pass is done, while its activations are
+    in cache, and summed (the loss is a sum over groups), so no group's activations are kept for
+    a backward pass; obs gets no gradient (data).
+    """
+    return _image_loss(cfg, "auto", params["decoder"], head, obs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _image_loss(cfg: ModelConfig, auto: str, decoder: networks.Params, head: jax.Array, obs: jax.Array
+                ) -> jax.Array:
+    """`image_loss` with the decoder's parameters alone; `auto` as in `ops.conv_impl_scope` (the
+    image-group search times its candidates with the layers' defaults)."""
+    with ops.conv_impl_scope(cfg.conv_impl, auto):
+        return jnp.mean(_by_groups(lambda xo: _image_nll(cfg, decoder, *xo), (head, obs), cfg, scoped=True))
+
+
+def _image_loss_fwd(cfg, auto, decoder, head, obs):
+    batch, length = obs.shape[:2]
+    group = min(image_group(cfg, batch, length), batch)
+    n, rest = divmod(batch, group)
+    value_and_grads = jax.value_and_grad(lambda p, h, o: jnp.sum(_image_nll(cfg, p, h, o)), (0, 1))
+    split = lambda v: v[:n * group].reshape((n, group * length) + v.shape[2:])
+
+    def one_group(total, xo):
+        loss, (d_decoder, d_head) = value_and_grads(decoder, *xo)
+        return jax.tree.map(jnp.add, total, (loss, d_decoder)), d_head
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, decoder))
+    with ops.conv_impl_scope(cfg.conv_impl, auto):
+        (loss, d_decoder), d_head = jax.lax.scan(one_group, zeros, (split(head), split(obs)))
+        d_head = d_head.reshape((n * group,) + head.shape[1:])
+        if rest:
+            (loss, d_decoder), d_tail = one_group((loss, d_decoder), (head[n * group:], obs[n * group:]))
+            d_head = jnp.concatenate([d_head, d_tail])
+    count = batch * length
+    return loss / count, (jax.tree.map(lambda g: g / count, d_decoder), d_head / count)
+
+
+def _image_loss_bwd(cfg, auto, grads, g):
+    d_decoder, d_head = grads
+    return jax.tree.map(lambda x: g * x, d_decoder), g * d_head, None
+
+
+_image_loss.defvjp(_image_loss_fwd, _image_loss_bwd)
+
+
 def loss_fn(params: networks.Params, cfg: ModelConfig, loss_cfg: LossConfig, batch: Batch,
             key: jax.Array) -> tuple[jax.Array, dict[str, Any]]:
     """Negative bound averaged over the batch; returns (loss, metrics)."""
@@ -228,11 +290,8 @@ def loss_fn(params: networks.Params, cfg: ModelConfig, loss_cfg: LossConfig, bat
         params, cfg, loss_cfg, embeds, batch.action, batch.reward, jax.random.split(k_seq, B))
     # The decoder's head multiplies its two kernels once per call, so it runs once on all images.
     head = networks.decode_head(params, cfg, feat)
-    image_nll = _by_groups(
-        lambda xo: 0.5 * jnp.sum(jnp.square(networks.decode_body(params, cfg, xo[0]) - xo[1]), (-3, -2, -1)),
-        (head, obs), cfg)
     terms = jax.tree.map(lambda x: jnp.mean(x, 0), terms)
-    terms["image_loss"] = jnp.mean(image_nll)
+    terms["image_loss"] = image_loss(params, cfg, head, obs)
     D = loss_cfg.overshooting_distance
     beta = jnp.full((D,), loss_cfg.overshooting_beta).at[0].set(1.0)
     kl_loss = jnp.sum(beta * terms["kl_d"]) / D

@@ -434,8 +434,8 @@ def test_image_group_candidate_is_the_loss_image_work_over_groups():
     o = autotune.random_array((3, 2, 64, 64, 3), 0, uniform=(-0.5, 0.5)).reshape(6, 64, 64, 3)
     head = autotune.random_array((3, 2, 5, 5, 4 * cfg.cnn_depth), 1).reshape(6, 5, 5, 4 * cfg.cnn_depth)
 
-    def whole(p, head):
-        return (jnp.sum(jnp.square(networks.decode_body(p, cfg, head) - o))
+    def whole(p, head):  # the image term as the loss has it: 0.5 * squared error, mean over images
+        return (jnp.mean(0.5 * jnp.sum(jnp.square(networks.decode_body(p, cfg, head) - o), (1, 2, 3)))
                 + jnp.sum(jnp.square(networks.encode(p, cfg, o))))
     want, want_head = jax.jit(jax.grad(whole, (0, 1)))(params, head)
     np.testing.assert_allclose(head_grad.reshape(want_head.shape), want_head, rtol=1e-4, atol=1e-5)

@@ -154,6 +154,30 @@ def test_image_loss_is_the_decoder_nll_of_each_sequence(model_cfg, params):
     np.testing.assert_allclose(m["image_loss"], np.mean(nll), rtol=1e-5)
 
 
+@pytest.mark.parametrize("group", [1, 3, 4])
+def test_image_loss_gradients_equal_autodiff_of_the_plain_loss(model_cfg, params, group):
+    """objective.image_loss (each group's gradients taken in its forward pass) against jax.grad of
+    the mean decoder nll over the whole batch; 3 leaves a remainder, 4 is one group. The frames are
+    data: their gradient is zero."""
+    B, T = 4, 3
+    cfg = dataclasses.replace(model_cfg, image_group=group)
+    head = jax.random.normal(jax.random.PRNGKey(5), (B, T, 5, 5, 4 * cfg.cnn_depth))
+    obs = jax.random.uniform(jax.random.PRNGKey(6), (B, T, 64, 64, 3), minval=-0.5, maxval=0.5)
+
+    def plain(p, h, o):  # scaled, so that the backward pass sees a cotangent other than 1
+        return 2.5 * jnp.mean(0.5 * jnp.sum(jnp.square(networks.decode_body(p, cfg, h) - o), (-3, -2, -1)))
+
+    want_loss, want = jax.value_and_grad(plain, (0, 1))(params, head, obs)
+    got_loss, got = jax.jit(jax.value_and_grad(lambda p, h, o: 2.5 * objective.image_loss(p, cfg, h, o), (0, 1, 2)))(
+        params, head, obs)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+    np.testing.assert_allclose(2.5 * objective.image_loss(params, cfg, head, obs), want_loss, rtol=1e-5)
+    assert jax.tree.structure(got[0]) == jax.tree.structure(want[0])
+    for g, g_ref in zip(jax.tree.leaves(got[:2]), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-5 * float(np.max(np.abs(g_ref))))
+    assert float(jnp.max(jnp.abs(got[1]))) > 0 and not np.any(np.asarray(got[2]))
+
+
 @pytest.mark.parametrize("group", [1, 3, 0])
 def test_image_groups_give_the_same_loss_and_gradients(model_cfg, params, group):
     """Against the whole batch in one call; 3 leaves a remainder of one sequence, 0 is the default
