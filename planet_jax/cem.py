@@ -60,9 +60,7 @@ def cem(objective: Objective, key: jax.Array, *, horizon: int, action_dim: int, 
     def refit(i, dist):
         mean, std = dist
         k_sample, k_objective = jax.random.split(jax.random.fold_in(key, i))
-        # A (J, H, A) draw's random bits, drawn as (J, H * A): threefry numbers them by flat index,
-        # and XLA:CPU draws them faster along a long minor axis than along A.
-        eps = prng.normal(k_sample, (candidates, horizon * action_dim), dtype).reshape((candidates,) + shape)
+        eps = prng.normal(k_sample, (candidates,) + shape, dtype)
         actions = jnp.clip(mean + std * eps, low, high)
         scores = objective(actions, k_objective)
         chex.assert_shape(scores, (candidates,))

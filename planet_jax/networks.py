@@ -65,6 +65,10 @@ class Weights(nn.Module):
         return kernel, self.param("bias", nn.initializers.zeros_init(), self.kernel_shape[-1:], jnp.float32)
 
 
+# The decoder's parameters that `Decoder.head` uses; `Decoder.body` uses the rest.
+DECODER_HEAD = ("dense", "deconv0")
+
+
 class Decoder(nn.Module):
     """Mean of p(o_t | h_t, s_t): dense 1024 (x depth/32) -> deconv 128 (k5), 64 (k5), 32 (k6), 3 (k6).
 
@@ -312,11 +316,7 @@ def dequantisation_noise(key: jax.Array, shape: tuple[int, ...], bins: float) ->
     """
     *lead, w, c = shape
     half = (w + 1) // 2
-    # The words of `jax.random.bits(key, (*lead, half, c))`, drawn with the axes after the first
-    # merged: threefry numbers each word by its flat index, so the words are the same, and XLA:CPU
-    # draws them faster along one long minor axis than along a minor axis of c channels.
-    words = prng.bits(key, (*lead[:1], math.prod(lead[1:]) * half * c))
-    words = words.reshape(*lead, half, c)
+    words = prng.bits(key, (*lead, half, c))
     u = jnp.concatenate([words >> NOISE_BITS, words & (2 ** NOISE_BITS - 1)], axis=-2)
     return (u[..., :w, :].astype(jnp.float32) + 0.5) / (2 ** NOISE_BITS * bins)
 

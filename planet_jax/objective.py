@@ -14,7 +14,6 @@ log-likelihoods drop their constants: -log N(x; mu, I) = ||x - mu||^2 / 2 + cons
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 from typing import Any, Callable
@@ -122,8 +121,9 @@ def image_group(cfg: ModelConfig, batch: int, length: int, tuner: autotune.Tuner
     encoder and decoder body fastest on this machine (`planet_jax.autotune`, cached), or, with the
     search off, CPU_IMAGE_GROUP on a CPU and the whole batch elsewhere.
 
-    Each candidate group size g is timed as the loss runs it: a `lax.map` over groups of g
-    sequences, forward and gradients, covering as many sequences as the largest candidate group
+    Each candidate group size g is timed as the loss runs it: the encoder in a `lax.map` over
+    groups of g sequences and the decoder body in `image_loss`'s loop over the same groups, forward
+    and gradients, covering as many sequences as the largest candidate group
     (so every candidate does about the same work, and small groups pay their loop and large groups
     their working sets, as in the step); times are scaled to the whole batch, and the default wins
     unless another saves IMAGE_GROUP_MIN_GAIN of its time."""
@@ -168,9 +168,10 @@ def _image_params(cfg: ModelConfig) -> networks.Params:
 
 def _timed_groups(cfg: ModelConfig, group: int, groups: int, length: int,
                   params: Callable[[], networks.Params]) -> Callable[[], Any]:
-    """An autotune candidate: what `loss_fn` runs on images, per group (encoder, decoder body) in a
-    `lax.map` over `groups` groups of `group` sequences of `length` random frames, forward and
-    gradients (parameters and the decoder head's output), compiled with the conv layers as cfg pins
+    """An autotune candidate: what `loss_fn` runs on images, the encoder in a `lax.map` over `groups`
+    groups of `group` sequences of `length` random frames and the decoder body as `image_loss` runs
+    it over the same groups, forward and gradients (parameters and the decoder head's output),
+    compiled with the conv layers as cfg pins
     them, each pass it leaves 'auto' at its default (so timing a group does not first search layers).
     params() gives the encoder and decoder parameters (`_image_params`, shared by the candidates)."""
     o = autotune.random_array((groups, group * length, 64, 64, 3), 0, uniform=(-0.5, 0.5))
@@ -181,40 +182,51 @@ def _timed_groups(cfg: ModelConfig, group: int, groups: int, length: int,
 
     def loss(p, head, o):  # o an argument: closed over, it would be a constant inside the program
         embeds = jax.lax.map(lambda o: jnp.sum(jnp.square(networks.encode(p, cfg, o))), o)
-        return jnp.sum(embeds) + _image_loss(grouped, "default", p["decoder"], frames(head), frames(o))
+        body = {name: q for name, q in p["decoder"].items() if name not in networks.DECODER_HEAD}
+        return jnp.sum(embeds) + _image_loss(grouped, "default", body, frames(head), frames(o))
 
     with ops.conv_impl_scope(cfg.conv_impl, auto="default"):
         grads = jax.jit(jax.grad(loss, (0, 1))).lower(params, head, o).compile()
     return lambda: jax.block_until_ready(grads(params, head, o))
 
 
-def _by_groups(fn, xs, cfg: ModelConfig, scoped: bool = False):
+def _groups(xs, cfg: ModelConfig) -> tuple[Any, Any]:
+    """The pytree xs of per-frame values (B, T, ...) in groups of g = `image_group(cfg, B, T)`
+    sequences: (the B // g whole groups stacked, each with its frames on one axis,
+    (B // g, g * T, ...); the B % g sequences left, (B % g, T, ...)), either None when empty;
+    (None, xs) when one group holds the batch."""
+    batch, length = jax.tree.leaves(xs)[0].shape[:2]
+    group = image_group(cfg, batch, length)
+    if group >= batch:
+        return None, xs
+    n, rest = divmod(batch, group)
+    grouped = jax.tree.map(lambda v: v[:n * group].reshape((n, group * length) + v.shape[2:]), xs)
+    return grouped, jax.tree.map(lambda v: v[n * group:], xs) if rest else None
+
+
+def _by_groups(fn, xs, cfg: ModelConfig, auto: str = "auto"):
     """fn over the pytree xs of per-frame values (B, T, ...), `image_group(cfg, ...)` sequences at
-    a time (see `ModelConfig.image_group`), with the conv layers as `ModelConfig.conv_impl` says
-    (or, `scoped`, as the caller's `ops.conv_impl_scope` says).
+    a time (see `ModelConfig.image_group`, `_groups`), with the conv layers as `ModelConfig.conv_impl`
+    says (`auto` as in `ops.conv_impl_scope`).
     fn maps frames with any leading axes, (..., frame) -> (..., result), as the encoder and decoder do.
 
     Groups run one after another (`lax.map`), so the encoder's and decoder's large intermediates
     exist for one group of sequences at a time: less peak memory, and working sets that stay in
     cache. The result equals fn on the whole batch.
     """
-    batch, length = jax.tree.leaves(xs)[0].shape[:2]
-    group = image_group(cfg, batch, length)
-    with contextlib.nullcontext() if scoped else ops.conv_impl_scope(cfg.conv_impl):
-        if group >= batch:
-            return fn(xs)
+    length = jax.tree.leaves(xs)[0].shape[1]
+    with ops.conv_impl_scope(cfg.conv_impl, auto):
+        grouped, tail = _groups(xs, cfg)
+        if grouped is None:
+            return fn(tail)
         # fn sees whole groups (not lax.map's batch_size, which vmaps fn over each group's entries:
         # that turns the transposed convs' custom backward into per-entry kernel gradients), with
         # their frames on one axis: then an input the backward pass needs is the loop's input
         # itself, which the loop does not stack again (fn's own reshape to one axis would be a
         # new value, stacked per group).
-        n, rest = divmod(batch, group)
-        split = lambda v: v[:n * group].reshape((n, group * length) + v.shape[2:])
-        ys = jax.tree.map(lambda v: v.reshape((n * group, length) + v.shape[2:]),
-                          jax.lax.map(fn, jax.tree.map(split, xs)))
-        if rest:
-            tail = fn(jax.tree.map(lambda v: v[n * group:], xs))
-            ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys, tail)
+        ys = jax.tree.map(lambda v: v.reshape((-1, length) + v.shape[2:]), jax.lax.map(fn, grouped))
+        if tail is not None:
+            ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys, fn(tail))
         return ys
 
 
@@ -230,48 +242,50 @@ def image_loss(params: networks.Params, cfg: ModelConfig, head: jax.Array, obs: 
 
     head: float32 (B, T, 5, 5, 4 depth), `networks.decode_head` of the features; obs: float32
     (B, T, 64, 64, 3) preprocessed frames (`networks.preprocess`). Returns a float32 scalar, nats
-    per image. Runs the decoder body by groups of sequences (`_by_groups`); differentiated, each
+    per image. Runs the decoder body by groups of sequences (`_groups`); differentiated, each
     group's gradients are taken as soon as its forward pass is done, while its activations are
     in cache, and summed (the loss is a sum over groups), so no group's activations are kept for
-    a backward pass; obs gets no gradient (data).
+    a backward pass. obs gets no gradient (data). A `jax.custom_vjp`: reverse mode only
+    (`jax.jvp` or `jax.hessian` of it raise, as for the decoder's fast layers).
     """
-    return _image_loss(cfg, "auto", params["decoder"], head, obs)
+    body = {name: p for name, p in params["decoder"].items() if name not in networks.DECODER_HEAD}
+    return _image_loss(cfg, "auto", body, head, obs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _image_loss(cfg: ModelConfig, auto: str, decoder: networks.Params, head: jax.Array, obs: jax.Array
+def _image_loss(cfg: ModelConfig, auto: str, body: networks.Params, head: jax.Array, obs: jax.Array
                 ) -> jax.Array:
-    """`image_loss` with the decoder's parameters alone; `auto` as in `ops.conv_impl_scope` (the
-    image-group search times its candidates with the layers' defaults)."""
-    with ops.conv_impl_scope(cfg.conv_impl, auto):
-        return jnp.mean(_by_groups(lambda xo: _image_nll(cfg, decoder, *xo), (head, obs), cfg, scoped=True))
+    """`image_loss` with the decoder body's parameters alone (the head's gradients reach them
+    through head); `auto` as in `ops.conv_impl_scope` (the image-group search times its candidates
+    with the layers' defaults)."""
+    return jnp.mean(_by_groups(lambda xo: _image_nll(cfg, body, *xo), (head, obs), cfg, auto))
 
 
-def _image_loss_fwd(cfg, auto, decoder, head, obs):
-    batch, length = obs.shape[:2]
-    group = min(image_group(cfg, batch, length), batch)
-    n, rest = divmod(batch, group)
+def _image_loss_fwd(cfg, auto, body, head, obs):
     value_and_grads = jax.value_and_grad(lambda p, h, o: jnp.sum(_image_nll(cfg, p, h, o)), (0, 1))
-    split = lambda v: v[:n * group].reshape((n, group * length) + v.shape[2:])
 
     def one_group(total, xo):
-        loss, (d_decoder, d_head) = value_and_grads(decoder, *xo)
-        return jax.tree.map(jnp.add, total, (loss, d_decoder)), d_head
+        loss, (d_body, d_head) = value_and_grads(body, *xo)
+        return jax.tree.map(jnp.add, total, (loss, d_body)), d_head
 
-    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, decoder))
+    total = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, body))
+    d_heads = []
     with ops.conv_impl_scope(cfg.conv_impl, auto):
-        (loss, d_decoder), d_head = jax.lax.scan(one_group, zeros, (split(head), split(obs)))
-        d_head = d_head.reshape((n * group,) + head.shape[1:])
-        if rest:
-            (loss, d_decoder), d_tail = one_group((loss, d_decoder), (head[n * group:], obs[n * group:]))
-            d_head = jnp.concatenate([d_head, d_tail])
-    count = batch * length
-    return loss / count, (jax.tree.map(lambda g: g / count, d_decoder), d_head / count)
+        grouped, tail = _groups((head, obs), cfg)
+        if grouped is not None:
+            total, d_grouped = jax.lax.scan(one_group, total, grouped)
+            d_heads.append(d_grouped.reshape((-1,) + head.shape[1:]))
+        if tail is not None:
+            total, d_tail = one_group(total, tail)
+            d_heads.append(d_tail)
+    loss, d_body = total
+    count = obs.shape[0] * obs.shape[1]
+    return loss / count, (jax.tree.map(lambda g: g / count, d_body), jnp.concatenate(d_heads) / count)
 
 
 def _image_loss_bwd(cfg, auto, grads, g):
-    d_decoder, d_head = grads
-    return jax.tree.map(lambda x: g * x, d_decoder), g * d_head, None
+    d_body, d_head = grads
+    return jax.tree.map(lambda x: g * x, d_body), g * d_head, None
 
 
 _image_loss.defvjp(_image_loss_fwd, _image_loss_bwd)

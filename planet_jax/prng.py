@@ -49,42 +49,49 @@ def _rotate_left(x: jax.Array, r: int) -> jax.Array:
     return (x << np.uint32(r)) | (x >> np.uint32(32 - r))
 
 
-def _threefry_words(k1: jax.Array, k2: jax.Array, n: int) -> jax.Array:
-    """threefry2x32((k1, k2), (0, i)) for i = 0..n-1, its two output words xored: (n,) uint32."""
+def _threefry_words(k1: jax.Array, k2: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """threefry2x32((k1, k2), (0, i)) for each row-major flat index i of `shape`, its two output
+    words xored: uint32 of `shape`. Computed as (first axis, the rest merged): XLA:CPU runs the
+    hash faster along one long minor axis than along a short one (three channels), and the first
+    axis, a batch split over devices, keeps its own counters (jax numbers them by axis alike)."""
+    rows = shape[0] if shape else 1
+    cols = math.prod(shape[1:])
+    index = (lax.broadcasted_iota(jnp.uint32, (rows, cols), 0) * np.uint32(cols)
+             + lax.broadcasted_iota(jnp.uint32, (rows, cols), 1))
     schedule = (k1, k2, k1 ^ k2 ^ _PARITY)
-    x0 = jnp.zeros((n,), jnp.uint32) + schedule[0]
-    x1 = lax.iota(jnp.uint32, n) + schedule[1]
+    x0 = jnp.zeros((rows, cols), jnp.uint32) + schedule[0]
+    x1 = index + schedule[1]
     for i in range(5):
         for r in _ROTATIONS[i % 2]:
             x0 = x0 + x1
             x1 = x0 ^ _rotate_left(x1, r)
         x0 = x0 + schedule[(i + 1) % 3]
         x1 = x1 + schedule[(i + 2) % 3] + np.uint32(i + 1)
-    return x0 ^ x1
+    return (x0 ^ x1).reshape(shape)
 
 
 def bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """uint32 random words of `shape`, equal to `jax.random.bits(key, shape, jnp.uint32)`.
 
-    key: one PRNG key (raw uint32 (2,) or typed; vmap for a batch of keys). Raises what
-    `jax.random.bits` raises for a bad key or shape.
+    key: one PRNG key (raw uint32 (2,) or typed; vmap for a batch of keys). Anything else (a batch
+    of keys, another PRNG's key) goes to `jax.random.bits`, which raises for what it rejects.
     """
     shape = tuple(shape)
-    n = math.prod(shape)
     words = _key_words(key)
-    if words is None or not _unrolled(n):
+    if words is None or not _unrolled(math.prod(shape)):
         return jax.random.bits(key, shape, jnp.uint32)
-    return lax.optimization_barrier(_threefry_words(*words, n)).reshape(shape)
+    return lax.optimization_barrier(_threefry_words(*words, shape))
 
 
-def normal(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
-    """Standard normal draws of `shape`, equal to `jax.random.normal(key, shape, dtype)`.
+def normal(key: jax.Array, shape: tuple[int, ...], dtype=float) -> jax.Array:
+    """Standard normal draws of `shape`, equal to `jax.random.normal(key, shape, dtype)` (dtype
+    float: float32, or float64 with jax's x64 mode, as jax takes it).
 
-    float32 (other dtypes are `jax.random.normal`'s own): as jax draws them, sqrt(2) erfinv(u) for
-    u uniform on (-1, 1) from each word's 23 high bits. key as for `bits`.
+    float32 as jax draws them: sqrt(2) erfinv(u) for u uniform on (-1, 1) from each word's 23 high
+    bits; other dtypes are `jax.random.normal`'s own. key as for `bits`.
     """
     shape = tuple(shape)
-    if jnp.dtype(dtype) != jnp.float32 or _key_words(key) is None or not _unrolled(math.prod(shape)):
+    if jax.dtypes.canonicalize_dtype(dtype) != jnp.float32 or _key_words(key) is None or not _unrolled(math.prod(shape)):
         return jax.random.normal(key, shape, dtype)
     one_to_two = lax.bitcast_convert_type((bits(key, shape) >> np.uint32(9)) | np.uint32(0x3F800000), jnp.float32)
     low = np.nextafter(np.float32(-1), np.float32(0))

@@ -1,8 +1,9 @@
 """The recurrent state-space model as pure functions on a parameter pytree.
 
-One transition step and one posterior step are written once; `observe` (filtering with the
-posterior) and `imagine` (open-loop prior rollout) are `lax.scan`s over them, and the objective's
-latent overshooting and the planner reuse the same steps.
+One prior step (its noise given) and one posterior step are written once; `observe` (filtering
+with the posterior) and `imagine` (open-loop prior rollout) are `lax.scan`s over them, and the
+objective's latent overshooting (`transition_step`, the prior step with its noise drawn from a key)
+and the planner reuse the same steps.
 
 Time convention (shared with the replay): a sequence is (o_t, a_{t-1}, r_t) for t = 0..T-1, stored
 at index t, so `a[t]` is the action that led into frame t and the step at index t computes
@@ -35,7 +36,8 @@ class Gaussian(NamedTuple):
     """Diagonal Gaussian over s: mean and std, each (..., |s|).
 
     Kept as arrays so that scans can stack it; `distribution()` is the same Gaussian as a distrax
-    distribution, which does the sampling, the KL and the log-likelihood.
+    distribution, which does the KL and the log-likelihood (samples: `reparameterised`, as
+    distrax draws them).
     """
     mean: jax.Array
     std: jax.Array
@@ -62,11 +64,9 @@ def _gaussian(cfg: ModelConfig, raw: jax.Array) -> Gaussian:
 
 
 def sample(cfg: ModelConfig, dist: Gaussian, key: jax.Array) -> jax.Array:
-    """s ~ dist, (..., |s|), by reparameterisation: mean + std * N(0, I) noise drawn with `key`
-    (distrax's sample, differentiable in mean and std); the mean for the deterministic 'rnn' variant."""
-    if cfg.kind == "rnn":
-        return dist.mean
-    return dist.distribution().sample(seed=key)
+    """s ~ dist, (..., |s|): `reparameterised` with eps = jax.random.normal(key, mean's shape), the
+    draw distrax's MultivariateNormalDiag makes for `sample(seed=key)`."""
+    return reparameterised(cfg, dist, jax.random.normal(key, dist.mean.shape, dist.mean.dtype))
 
 
 def reparameterised(cfg: ModelConfig, dist: Gaussian, eps: jax.Array) -> jax.Array:
@@ -85,12 +85,20 @@ def prior(params: Params, cfg: ModelConfig, state_tm1: RSSMState, a_tm1: jax.Arr
     return h_t, _gaussian(cfg, raw)
 
 
-def transition_step(params: Params, cfg: ModelConfig, state_tm1: RSSMState, a_tm1: jax.Array,
-                    key: jax.Array) -> tuple[RSSMState, Gaussian]:
-    """One prior step: (h_t, s_t ~ p(s_t | h_t)) and the prior itself."""
+def prior_step(params: Params, cfg: ModelConfig, state_tm1: RSSMState, a_tm1: jax.Array,
+               eps: jax.Array) -> tuple[RSSMState, Gaussian]:
+    """One prior step with its noise given: (h_t, s_t = mean + std * eps of p(s_t | h_t)) and the
+    prior itself; eps standard normal, shaped like state_tm1.s (..., |s|)."""
     chex.assert_shape(state_tm1.h, (..., cfg.h_size))
     h_t, p = prior(params, cfg, state_tm1, a_tm1)
-    return RSSMState(h_t, sample(cfg, p, key)), p
+    return RSSMState(h_t, reparameterised(cfg, p, eps)), p
+
+
+def transition_step(params: Params, cfg: ModelConfig, state_tm1: RSSMState, a_tm1: jax.Array,
+                    key: jax.Array) -> tuple[RSSMState, Gaussian]:
+    """`prior_step` with eps = jax.random.normal(key, state_tm1.s.shape): (h_t, s_t ~ p(s_t | h_t))
+    and the prior itself."""
+    return prior_step(params, cfg, state_tm1, a_tm1, jax.random.normal(key, state_tm1.s.shape))
 
 
 def posterior_step(params: Params, cfg: ModelConfig, h_t: jax.Array, e_t: jax.Array,
@@ -135,19 +143,18 @@ def imagine(params: Params, cfg: ModelConfig, state0: RSSMState, a: jax.Array, k
             unroll: int = 1) -> tuple[RSSMState, Gaussian]:
     """Open-loop prior rollout from state0 under actions a (H, |a|); states and priors, leading H.
 
-    Step t samples s_t = mean_t + std_t * eps[t] (`reparameterised`) with eps ~ N(0, I) of shape
-    (H, |s|) drawn from `key` at once, `jax.random.normal(key, (H, |s|))` (by `prng.normal`, whose
-    unrolled hash XLA:CPU runs faster than jax's H draws inside the loop).
+    Step t is `prior_step` with eps[t], eps ~ N(0, I) of shape (H,) + state0.s.shape drawn from
+    `key` at once: `jax.random.normal(key, that shape)`, by `prng.normal`, whose unrolled hash
+    XLA:CPU runs faster than jax's H draws inside the loop.
     unroll: steps per iteration of the compiled loop (`lax.scan`'s unroll); the values do not
     depend on it."""
     chex.assert_rank(a, 2)
 
     def step(state, inputs):
         a_t, eps_t = inputs
-        h_t, p = prior(params, cfg, state, a_t)
-        state = RSSMState(h_t, reparameterised(cfg, p, eps_t))
+        state, p = prior_step(params, cfg, state, a_t, eps_t)
         return state, (state, p)
 
-    eps = prng.normal(key, (a.shape[0], cfg.s_size))
+    eps = prng.normal(key, a.shape[:1] + state0.s.shape)
     _, out = jax.lax.scan(step, state0, (a, eps), unroll=unroll)
     return out

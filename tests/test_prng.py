@@ -38,14 +38,25 @@ def test_a_cpu_draw_is_the_unrolled_hash_not_jax_threefry():
     rolled loop, is not in the program); elsewhere they would be jax's, which are the same words."""
     if jax.default_backend() != "cpu":
         pytest.skip("the unrolled hash serves XLA:CPU only")
-    key = jax.random.PRNGKey(4)
-    for fn in (prng.bits, prng.normal):
-        assert "random_bits" not in str(jax.make_jaxpr(lambda k: fn(k, (3, 5)))(key))
-    assert "random_bits" in str(jax.make_jaxpr(lambda k: jax.random.normal(k, (3, 5)))(key))
+    for key in (jax.random.PRNGKey(4), jax.random.key(4)):
+        for fn in (prng.bits, prng.normal):
+            assert "random_bits" not in str(jax.make_jaxpr(lambda k: fn(k, (3, 5)))(key))
+        assert "random_bits" in str(jax.make_jaxpr(lambda k: jax.random.normal(k, (3, 5)))(key))
+
+
+def test_zero_size_and_scalar_draws_equal_jax_random():
+    key = jax.random.PRNGKey(6)
+    for shape in [(), (0,), (3, 0, 2)]:
+        np.testing.assert_array_equal(prng.normal(key, shape), jax.random.normal(key, shape))
+        assert prng.bits(key, shape).shape == shape
 
 
 def test_cases_it_does_not_cover_are_jax_random_itself():
     key = jax.random.PRNGKey(5)
+    with jax.enable_x64(True):  # dtype float means float64 here, as for jax.random.normal
+        wide = prng.normal(key, (4,))
+        assert wide.dtype == jnp.float64
+        np.testing.assert_array_equal(wide, jax.random.normal(key, (4,)))
     half = prng.normal(key, (4, 6), jnp.bfloat16)
     assert half.dtype == jnp.bfloat16
     np.testing.assert_array_equal(half, jax.random.normal(key, (4, 6), jnp.bfloat16))
