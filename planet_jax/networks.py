@@ -69,6 +69,11 @@ class Weights(nn.Module):
 DECODER_HEAD = ("dense", "deconv0")
 
 
+def decoder_body_params(params: Params) -> Params:
+    """The part of params['decoder'] that `decode_body` uses (all but `DECODER_HEAD`'s layers)."""
+    return {name: p for name, p in params["decoder"].items() if name not in DECODER_HEAD}
+
+
 class Decoder(nn.Module):
     """Mean of p(o_t | h_t, s_t): dense 1024 (x depth/32) -> deconv 128 (k5), 64 (k5), 32 (k6), 3 (k6).
 

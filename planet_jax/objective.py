@@ -182,8 +182,8 @@ def _timed_groups(cfg: ModelConfig, group: int, groups: int, length: int,
 
     def loss(p, head, o):  # o an argument: closed over, it would be a constant inside the program
         embeds = jax.lax.map(lambda o: jnp.sum(jnp.square(networks.encode(p, cfg, o))), o)
-        body = {name: q for name, q in p["decoder"].items() if name not in networks.DECODER_HEAD}
-        return jnp.sum(embeds) + _image_loss(grouped, "default", body, frames(head), frames(o))
+        return jnp.sum(embeds) + _image_loss(grouped, "default", networks.decoder_body_params(p),
+                                             frames(head), frames(o))
 
     with ops.conv_impl_scope(cfg.conv_impl, auto="default"):
         grads = jax.jit(jax.grad(loss, (0, 1))).lower(params, head, o).compile()
@@ -248,8 +248,7 @@ def image_loss(params: networks.Params, cfg: ModelConfig, head: jax.Array, obs: 
     a backward pass. obs gets no gradient (data). A `jax.custom_vjp`: reverse mode only
     (`jax.jvp` or `jax.hessian` of it raise, as for the decoder's fast layers).
     """
-    body = {name: p for name, p in params["decoder"].items() if name not in networks.DECODER_HEAD}
-    return _image_loss(cfg, "auto", body, head, obs)
+    return _image_loss(cfg, "auto", networks.decoder_body_params(params), head, obs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

@@ -10,8 +10,9 @@ session).
 
 The words are those of `jax.random.bits` (threefry2x32 of each flat index, the partitionable
 counters that are jax's default), so every draw here equals jax's for the same key; where that does
-not hold (another PRNG, `jax_threefry_partitionable` off, a draw of 2^32 words or more, a dtype
-other than float32) or off a CPU, these functions call `jax.random` itself.
+not hold (another PRNG, `jax_threefry_partitionable` off, a draw of 2^32 words or more) or off a
+CPU, `bits` calls `jax.random.bits` itself, and `normal` turns those words into normals as jax does
+(for a dtype other than float32 it calls `jax.random.normal`).
 """
 from __future__ import annotations
 
@@ -87,11 +88,12 @@ def normal(key: jax.Array, shape: tuple[int, ...], dtype=float) -> jax.Array:
     """Standard normal draws of `shape`, equal to `jax.random.normal(key, shape, dtype)` (dtype
     float: float32, or float64 with jax's x64 mode, as jax takes it).
 
-    float32 as jax draws them: sqrt(2) erfinv(u) for u uniform on (-1, 1) from each word's 23 high
-    bits; other dtypes are `jax.random.normal`'s own. key as for `bits`.
+    float32 as jax draws them: sqrt(2) erfinv(u) for u uniform on (-1, 1) from the 23 high bits of
+    each of `bits`' words (jax's own words where `bits` calls jax); other dtypes are
+    `jax.random.normal`'s own. key as for `bits`.
     """
     shape = tuple(shape)
-    if jax.dtypes.canonicalize_dtype(dtype) != jnp.float32 or _key_words(key) is None or not _unrolled(math.prod(shape)):
+    if jax.dtypes.canonicalize_dtype(dtype) != jnp.float32:
         return jax.random.normal(key, shape, dtype)
     one_to_two = lax.bitcast_convert_type((bits(key, shape) >> np.uint32(9)) | np.uint32(0x3F800000), jnp.float32)
     low = np.nextafter(np.float32(-1), np.float32(0))
