@@ -50,8 +50,9 @@ _YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 # `plan_batching` times its candidates with: 'xla' inside a caller's own jit, whose options rule.
 _TRACED_DOTS: contextvars.ContextVar[str] = contextvars.ContextVar("planner_traced_dots", default="xla")
 # Revision of the decision's program in the planner's cached timings (`autotune.revision`): 2 since
-# the GRU's gates became two matmuls (`networks.GRUCell`), 3 since the draws became `prng`'s.
-_PLAN_REVISION = " r3"
+# the GRU's gates became two matmuls (`networks.GRUCell`), 3 since the draws became `prng`'s, 4
+# since the rewards are read out inside the rollout's loop (`predicted_rewards`).
+_PLAN_REVISION = " r4"
 
 
 def shift_plan(mean: jax.Array) -> jax.Array:
@@ -66,11 +67,15 @@ def predicted_rewards(params: Params, model_cfg: ModelConfig, state: rssm.RSSMSt
     state: h (|h|,), s (|s|,); actions (J, H, A), row t the action into imagined step t + 1;
     returns float32 (J, H): the reward model's mean at each state of one prior rollout
     (`rssm.imagine`) per sequence, each sequence's prior samples drawn with its own key.
+    The rewards are read out inside the rollout's loop: stacking the J x H states, moving them to
+    candidate-major order and concatenating h and s for one large reward matmul afterwards cost
+    more than the reward's matmuls per step (docs/performance_speed.md, sixteenth session).
     """
     keys = jax.random.split(key, actions.shape[0])
-    rollout = jax.vmap(functools.partial(rssm.imagine, unroll=IMAGINE_UNROLL), in_axes=(None, None, None, 0, 0))
-    states, _ = rollout(params, model_cfg, state, actions, keys)
-    return networks.reward(params, model_cfg, rssm.features(states))
+    readout = lambda s, _: networks.reward(params, model_cfg, rssm.features(s))
+    rollout = jax.vmap(functools.partial(rssm.imagine, unroll=IMAGINE_UNROLL, readout=readout),
+                       in_axes=(None, None, None, 0, 0))
+    return rollout(params, model_cfg, state, actions, keys)
 
 
 def predicted_return(params: Params, model_cfg: ModelConfig, state: rssm.RSSMState,

@@ -14,7 +14,7 @@ All functions take one example (no batch axis); `vmap` them where a batch is nee
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import chex
 import distrax
@@ -140,20 +140,25 @@ def observe(params: Params, cfg: ModelConfig, e: jax.Array, a: jax.Array, key: j
 
 
 def imagine(params: Params, cfg: ModelConfig, state0: RSSMState, a: jax.Array, key: jax.Array,
-            unroll: int = 1) -> tuple[RSSMState, Gaussian]:
+            unroll: int = 1, readout: Callable[[RSSMState, Gaussian], Any] | None = None) -> Any:
     """Open-loop prior rollout from state0 under actions a (H, |a|); states and priors, leading H.
 
     Step t is `prior_step` with eps[t], eps ~ N(0, I) of shape (H,) + state0.s.shape drawn from
     `key` at once: `jax.random.normal(key, that shape)`, by `prng.normal`, whose unrolled hash
     XLA:CPU runs faster than jax's H draws inside the loop.
     unroll: steps per iteration of the compiled loop (`lax.scan`'s unroll); the values do not
-    depend on it."""
+    depend on it.
+    readout: what each step emits instead of its (state, prior): readout(state_t, prior_t), any
+    pytree, returned with a leading H axis. Computed inside the loop, so a rollout that needs only
+    a function of its states (the planner's rewards) neither stacks nor re-reads them.
+    """
     chex.assert_rank(a, 2)
+    emit = readout or (lambda state, p: (state, p))
 
     def step(state, inputs):
         a_t, eps_t = inputs
         state, p = prior_step(params, cfg, state, a_t, eps_t)
-        return state, (state, p)
+        return state, emit(state, p)
 
     eps = prng.normal(key, a.shape[:1] + state0.s.shape)
     _, out = jax.lax.scan(step, state0, (a, eps), unroll=unroll)

@@ -37,8 +37,11 @@ def test_imagine_scan_equals_python_loop(kind, unroll):
                            jax.random.normal(jax.random.PRNGKey(6), (cfg.s_size,)))
     key = jax.random.PRNGKey(7)
     states, priors = rssm.imagine(params, cfg, start, a, key, unroll=unroll)
+    readout = lambda state, p: {"feat": rssm.features(state), "std": p.std}
+    read = rssm.imagine(params, cfg, start, a, key, unroll=unroll, readout=readout)
     for t, step in enumerate(imagine_by_hand(params, cfg, start, a, key)):
         assert_trees_close(jax.tree.map(lambda x: x[t], (states, priors)), step)
+        assert_trees_close(jax.tree.map(lambda x: x[t], read), readout(*step))
 
 
 @pytest.mark.parametrize("kind", ["rssm", "rnn"])
