@@ -57,12 +57,18 @@ def test_an_instruction_run_on_the_thread_pool_lasts_until_its_end_marker():
 
 def test_matmul_peak_reports_each_dtype_and_orientation(monkeypatch):
     monkeypatch.setattr(benchmark, "MATMUL_SHAPE", (256, 32, 16))
+    monkeypatch.setattr(benchmark, "CEILING_SHAPES", ((64, 64, 64), (128, 16, 32)))
     record = benchmark.worker("matmul_peak", iters=2, warmup=0)
     assert record["gflop"] == round(2 * 256 * 32 * 16 / 1e9, 2)
     assert record["shape_mkn"] == [256, 32, 16]
     rates = record["gflops_per_s_by_case"]
-    assert set(rates) == {"float32 x@w", "float32 xT@g", "bfloat16 x@w", "bfloat16 xT@g"}
+    assert set(rates) == {"float32 x@w", "float32 xT@g", "bfloat16 x@w", "bfloat16 xT@g",
+                          "float32 x@w 64x64x64", "float32 x@w 128x16x32"}
     assert all(rate > 0 for rate in rates.values())
+    # the ceiling is the best float32 case, bfloat16's not counted
+    assert record["ceiling_gflops_per_s"] == max(rates["float32 x@w"], rates["float32 xT@g"],
+                                                 rates["float32 x@w 64x64x64"], rates["float32 x@w 128x16x32"])
+    assert record["numpy_float32_gflops_per_s"] > 0
     assert record["n"] == 2 and record["min_s"] <= record["median_s"] <= record["max_s"]
 
 
@@ -95,6 +101,10 @@ def test_speed_table_takes_medians_over_rounds_and_names_the_machine():
     table = benchmark.speed_table(records, "python -m experiments.benchmark --only cpu")
     lines = table.splitlines()
     assert "AMD EPYC (2 cores)" in lines[0] and "84.4 GFLOP/s" in lines[0]
+    # a line with the ceiling fields: XLA's best over its shapes, NumPy's beside it
+    records[1] = dict(records[1], ceiling_gflops_per_s=201.5, numpy_float32_gflops_per_s=290.0)
+    head = benchmark.speed_table(records, "cmd").splitlines()[0]
+    assert "ceiling 201.5 GFLOP/s (XLA's best of its shapes; NumPy's 290.0)" in head and "84.4" not in head
     assert "`python -m experiments.benchmark --only cpu`" in lines[0]
     # medians over the two rounds: jax (1 + 3) / 2 = 2 s, torch (2 + 4) / 2 = 3 s
     assert lines[4] == "| cpu_train | 2 s | 3 s | 0.67 | 2.0 / 1.0 GB |"
