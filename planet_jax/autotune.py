@@ -4,7 +4,8 @@ Several of planet_jax's speed choices depend on the machine more than on the mod
 convolution layer is computed (`ops.CONV_IMPLS`), how many sequences the encoder and decoder see at
 a time (`objective.image_group`), how XLA:CPU runs the planner's matmuls (`planner.cpu_dots`),
 and whether the planner maps or vmaps over environments (`planner.PLAN_BATCHING`). Like XLA's and
-cuDNN's autotuners, `choose` times each candidate once for the shapes in use, when a function is
+cuDNN's autotuners, `choose` times each candidate once for the shapes in use (the planner's, whole
+decisions, taking turns), when a function is
 traced or (the planner's matmuls) first called, in a worker thread outside any trace, remembers
 the timings, and takes the fastest (or the default, unless the fastest saves at least the op's
 `min_gain` of its time; decided again from the remembered timings on every call, so a changed
@@ -75,6 +76,8 @@ Builder = Callable[[], Callable[[], Any]]
 # the other candidates (in the candidate's own calls; inf for the first), and returns its time per
 # call in seconds.
 Timer = Callable[[str, Builder, float], float]
+# Times several candidates together: gets {name: builder}, returns {name: seconds per call}.
+Turns = Callable[[Mapping[str, Builder]], Mapping[str, float]]
 # Told what is about to be measured (op, shape key); the context it returns is open while it is.
 Reporter = Callable[[str, str], ContextManager]
 _REPORTER: contextvars.ContextVar[Reporter | None] = contextvars.ContextVar("autotune_reporter", default=None)
@@ -182,18 +185,43 @@ def time_candidate(name: str, build: Builder, fastest: float = math.inf, budget_
     return min(times)
 
 
+def time_in_turns(builders: Mapping[str, Builder], budget_s: float = 1.0, reps: int = 5,
+                  clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Seconds per call of each candidate, timed in turns: all built (compiled) and called once
+    (warm-up), then rounds in which each is called once, the order rotated every round, until each
+    has `reps` timed calls or `budget_s` per candidate is spent (at least one round); each
+    candidate's minimum. Timed one after another (`time_candidate`), candidates of similar cost
+    see different spells of a shared machine, and a load that comes or goes between them decides
+    the choice; taking turns, they see the same. All candidates are held at once, so this is for a
+    few whole programs (the planner's), not for many layers. `clock` is for tests."""
+    runs = {name: build() for name, build in builders.items()}
+    for run in runs.values():
+        run()
+    names, times = list(runs), {name: [] for name in runs}
+    start = clock()
+    for i in range(reps):
+        if i and clock() - start >= budget_s * len(names):
+            break
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            t0 = clock()
+            runs[name]()
+            times[name].append(clock() - t0)
+    return {name: min(t) for name, t in times.items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class Tuner:
     """Measures and remembers choices. `Tuner()` reads the environment (cache folder, search switch)
-    and times with `time_candidate`; tests pass a folder, a switch and a fake timer."""
+    and times with `time_candidate` (or `time_in_turns`); tests pass a folder, a switch and fake timers."""
     path: Path = dataclasses.field(default_factory=lambda: cache_dir() / CACHE_FILE)
     search: bool = dataclasses.field(default_factory=search_enabled)
     timer: Timer = time_candidate
     machine: str = dataclasses.field(default_factory=machine_id)
+    turns: Turns = time_in_turns
 
     def choose(self, op: str, key: str, candidates: Mapping[str, Builder], default: str,
                pin: str = "auto", gflop: float | None = None,
-               calls: Mapping[str, float] | None = None, min_gain: float = 0.0) -> str:
+               calls: Mapping[str, float] | None = None, min_gain: float = 0.0, in_turns: bool = False) -> str:
         """The candidate to use for `op` at shape `key` (a string naming the shapes and settings).
 
         pin: 'auto' (the fastest by the cached timings if every candidate was timed, else measure,
@@ -202,7 +230,9 @@ class Tuner:
         is below MIN_SEARCH_GFLOP. calls: how many calls of each candidate the op needs (default 1);
         the least total time wins if it is at most (1 - min_gain) times the default's, else the
         default: where candidates are timed apart from the computation they serve, small measured
-        gains need not carry over, so such ops ask for a margin.
+        gains need not carry over, so such ops ask for a margin. in_turns: the candidates are timed
+        taking turns (`turns`, `time_in_turns`) instead of one after another (`timer`), for a few
+        whole programs of similar cost.
         Raises ValueError naming the choices for a pin or default that is not a candidate.
         Measuring runs in a worker thread, so this may be called while jax traces a function.
         """
@@ -227,7 +257,9 @@ class Tuner:
             reporter = _REPORTER.get()
             with reporter(op, key) if reporter else contextlib.nullcontext(), \
                     concurrent.futures.ThreadPoolExecutor(1) as pool:  # outside any jax trace
-                seconds = pool.submit(self._measure, candidates, calls).result()
+                measure = (lambda: dict(self.turns(candidates))) if in_turns else (
+                    lambda: self._measure(candidates, calls))
+                seconds = pool.submit(measure).result()
         total = {n: seconds[n] * calls[n] for n in names}
         fastest = min(names, key=lambda n: (total[n], n != default))
         choice = fastest if total[fastest] <= (1 - min_gain) * total[default] else default

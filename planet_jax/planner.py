@@ -139,7 +139,7 @@ def plan_batching(model_cfg: ModelConfig, planner_cfg: PlannerConfig, action_dim
     # A batching timed with Eigen's dots is cached apart from one timed with XLA's default dots.
     key = _plan_key(model_cfg, planner_cfg, action_dim, n, " eigen dots" if dots == "eigen" else "")
     return tuner.choose("planner.batching", key, candidates, default, pin,
-                        _decision_gflop(model_cfg, planner_cfg, action_dim))
+                        _decision_gflop(model_cfg, planner_cfg, action_dim), in_turns=True)
 
 
 def cpu_dots(model_cfg: ModelConfig, planner_cfg: PlannerConfig, action_dim: int,
@@ -161,7 +161,7 @@ def cpu_dots(model_cfg: ModelConfig, planner_cfg: PlannerConfig, action_dim: int
                   for d in PLAN_CPU_DOTS}
     return (tuner or autotune.Tuner()).choose(
         "planner.cpu_dots", _plan_key(model_cfg, p, action_dim, 1), candidates, "xla", p.cpu_dots,
-        _decision_gflop(model_cfg, p, action_dim))
+        _decision_gflop(model_cfg, p, action_dim), in_turns=True)
 
 
 def compiler_options(model_cfg: ModelConfig, planner_cfg: PlannerConfig, action_dim: int

@@ -4,6 +4,7 @@ depends on how fast anything runs."""
 import contextlib
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 import time
@@ -36,8 +37,74 @@ def never_timed(name, build, fastest):
 CANDIDATES = {"a": lambda: None, "b": lambda: None, "c": lambda: None}
 
 
-def tuner(tmp_path, timer, search=True, machine="test machine"):
-    return autotune.Tuner(tmp_path / "cache" / "autotune.json", search, timer, machine)
+def tuner(tmp_path, timer, search=True, machine="test machine", turns=None):
+    """A Tuner on a folder of tmp_path; candidates timed in turns go to `turns`, by default to the
+    same fake timer, one by one."""
+    turns = turns or (lambda builders: {name: timer(name, build, math.inf) for name, build in builders.items()})
+    return autotune.Tuner(tmp_path / "cache" / "autotune.json", search, timer, machine, turns)
+
+
+class FakeMachine:
+    """A clock and candidates for it: each call of candidate n costs cost[n] seconds plus `drift` for
+    every call made before it (a machine that slows down while it is timed); `log` is the order."""
+
+    def __init__(self, cost, drift=0.0):
+        self.cost, self.drift, self.now, self.log = cost, drift, 0.0, []
+
+    def clock(self):
+        return self.now
+
+    def builders(self):
+        def build(name):
+            def run():
+                self.now += self.cost[name] + self.drift * len(self.log)
+                self.log.append(name)
+            return lambda: run
+        return {name: build(name) for name in self.cost}
+
+
+def test_time_in_turns_rotates_the_order_and_is_fair_to_equal_candidates_on_a_drifting_machine():
+    m = FakeMachine({"a": 1.0, "b": 1.0, "c": 0.5}, drift=0.01)
+    seconds = autotune.time_in_turns(m.builders(), budget_s=100.0, reps=3, clock=m.clock)
+    # built and warmed up once each, then three rounds, each starting one candidate later
+    assert m.log == ["a", "b", "c"] + ["a", "b", "c"] + ["b", "c", "a"] + ["c", "a", "b"]
+    # each candidate's minimum: its first timed call (the machine only slows down)
+    assert seconds == pytest.approx({"a": 1.0 + 0.03, "b": 1.0 + 0.04, "c": 0.5 + 0.05})
+    # a and b cost the same: in turns their times differ by one call's drift; one after another
+    # (time_candidate: warm-up and three timed calls each) by four
+    m2 = FakeMachine({"a": 1.0, "b": 1.0}, drift=0.01)
+    sequential = {}
+    for name, build in m2.builders().items():
+        run = build()
+        run()
+        times = []
+        for _ in range(3):
+            t0 = m2.clock()
+            run()
+            times.append(m2.clock() - t0)
+        sequential[name] = min(times)
+    assert sequential["b"] - sequential["a"] == pytest.approx(0.04)
+    assert abs(seconds["b"] - seconds["a"]) == pytest.approx(0.01)
+
+
+def test_time_in_turns_stops_at_the_budget_after_at_least_one_round():
+    m = FakeMachine({"a": 2.0, "b": 3.0})
+    assert autotune.time_in_turns(m.builders(), budget_s=1.0, reps=5, clock=m.clock) == {"a": 2.0, "b": 3.0}
+    assert m.log == ["a", "b", "a", "b"]  # warm-ups, one round: over the budget already
+    m = FakeMachine({"a": 0.1, "b": 0.1})
+    autotune.time_in_turns(m.builders(), budget_s=0.25, reps=5, clock=m.clock)
+    assert len(m.log) == 2 + 2 * 3  # 0.5 s for both: rounds start at 0, 0.2 and 0.4 s
+
+
+def test_choose_times_in_turns_only_where_asked(tmp_path):
+    turned = []
+    turns = lambda builders: turned.append(sorted(builders)) or {"a": 3.0, "b": 1.0, "c": 2.0}
+    t = tuner(tmp_path, never_timed, turns=turns)
+    assert t.choose("op", "k1", CANDIDATES, "a", in_turns=True) == "b"
+    assert turned == [["a", "b", "c"]]
+    assert autotune.choices(t)["op"]["k1"] == {"choice": "b", "seconds": {"a": 3.0, "b": 1.0, "c": 2.0}}
+    with pytest.raises(AssertionError, match="was timed"):  # without in_turns: the one-by-one timer
+        t.choose("op", "k2", CANDIDATES, "a")
 
 
 def test_measures_once_writes_the_cache_and_reads_it_back(tmp_path):
@@ -587,3 +654,16 @@ def test_layer_candidates_run_one_pass_of_the_layer_in_a_loop():
         np.testing.assert_allclose(y, op(x, kernel, impl="xla"), rtol=1e-5, atol=1e-5)
         dx, dw = ops._timed_layer(op, "taps", "gradients", x_shape, kernel_shape, "float32")()
         assert dx.shape == (g,) + x_shape and dw.shape == (g,) + kernel_shape
+
+
+def test_the_planners_choices_are_timed_in_turns(tmp_path, monkeypatch):
+    monkeypatch.setattr(autotune, "MIN_SEARCH_GFLOP", 0.0)
+    monkeypatch.setattr(planner, "_ynn_option_known", lambda: True)
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    cfg, small = tiny_model(), config.PlannerConfig(horizon=4, iterations=2, candidates=32, top_k=4)
+    turned = []
+    turns = lambda builders: turned.append(sorted(builders)) or {name: 1.0 + (name in ("map", "xla")) for name in builders}
+    t = tuner(tmp_path, never_timed, turns=turns)
+    assert planner.plan_batching(cfg, small, 2, 8, tuner=t) == "vmap"
+    assert planner.cpu_dots(cfg, small, 2, tuner=t) == "eigen"
+    assert turned == [["map", "vmap"], ["eigen", "xla"]]
