@@ -48,8 +48,9 @@ MEASUREMENTS = {
     "train_whole_batch": ("paper", "train", ["model.image_group=50"], 0, ["--mode", "train"]),
     "plan_1": ("paper", "plan", [], 1, ["--mode", "plan", "--plan-batch", "1"]),
     "plan_8": ("paper", "plan", [], 8, ["--mode", "plan", "--plan-batch", "8"]),
-    # This machine's ceiling: float32 and bfloat16 matmuls at a conv-like shape, in the forward
-    # (x @ w) and kernel-gradient (x^T @ g) orientations. Its gflops_per_s is float32 x @ w.
+    # This machine's matmuls: float32 and bfloat16 at a conv-like shape, in the forward (x @ w) and
+    # kernel-gradient (x^T @ g) orientations, and float32 at CEILING_SHAPES. Its gflops_per_s is
+    # float32 x @ w at the conv-like shape; ceiling_gflops_per_s the best float32 rate of them all.
     "matmul_peak": ("paper", "matmul", [], 0, None),
     # The `cpu` preset's sizes (what a CPU user trains at); the reference runs with --preset cpu.
     "cpu_train": ("cpu", "train", [], 0, ["--mode", "train", "--preset", "cpu"]),
@@ -291,27 +292,28 @@ def _matmul_peak(iters: int, warmup: int):
     kernel_grad = jax.jit(lambda x, g: lax.dot_general(x, g, (((0,), (0,)), ((), ())),
                                                        preferred_element_type=jnp.float32))
     normal = lambda seed, shape, dtype: jax.random.normal(jax.random.PRNGKey(seed), shape).astype(dtype)
+    gflop = lambda m, k, n: 2 * m * k * n / 1e9
     cases = []  # (label, function, arguments, GFLOP of one call)
     m, k, n = MATMUL_SHAPE
     for dtype in ("float32", "bfloat16"):
         x, w, g = normal(0, (m, k), dtype), normal(1, (k, n), dtype), normal(2, (m, n), dtype)
-        cases += [(f"{dtype} x@w", forward, (x, w), 2 * m * k * n / 1e9),
-                  (f"{dtype} xT@g", kernel_grad, (x, g), 2 * m * k * n / 1e9)]
+        cases += [(f"{dtype} x@w", forward, (x, w), gflop(m, k, n)),
+                  (f"{dtype} xT@g", kernel_grad, (x, g), gflop(m, k, n))]
     for cm, ck, cn in CEILING_SHAPES:
         cases.append((f"float32 x@w {cm}x{ck}x{cn}", forward, (normal(3, (cm, ck), "float32"),
-                                                             normal(4, (ck, cn), "float32")), 2 * cm * ck * cn / 1e9))
+                                                             normal(4, (ck, cn), "float32")), gflop(cm, ck, cn)))
     rates, calls = {}, {}
-    for label, fn, args, gflop in cases:
+    for label, fn, args, work in cases:
         call = lambda fn=fn, args=args: jax.block_until_ready(fn(*args))
         t0 = time.perf_counter()
         call()
         calls[label] = (call, time.perf_counter() - t0, lambda fn=fn, args=args: fn.lower(*args).compile().as_text())
-        rates[label] = round(gflop / statistics.median(_timed(call, iters, warmup)), 2)
+        rates[label] = round(work / statistics.median(_timed(call, iters, warmup)), 2)
     cm, ck, cn = CEILING_SHAPES[0]
     a, b = np.ones((cm, ck), np.float32), np.ones((ck, cn), np.float32)
-    numpy_rate = round(2 * cm * ck * cn / 1e9 / statistics.median(_timed(lambda: a @ b, iters, warmup)), 2)
+    numpy_rate = round(gflop(cm, ck, cn) / statistics.median(_timed(lambda: a @ b, iters, warmup)), 2)
     call, compile_s, hlo = calls["float32 x@w"]
-    return call, hlo, 2 * m * k * n / 1e9, compile_s, {
+    return call, hlo, gflop(m, k, n), compile_s, {
         "shape_mkn": list(MATMUL_SHAPE), "gflops_per_s_by_case": rates,
         "ceiling_gflops_per_s": max(rate for label, rate in rates.items() if label.startswith("float32")),
         "numpy_float32_gflops_per_s": numpy_rate}

@@ -5,9 +5,8 @@ convolution layer is computed (`ops.CONV_IMPLS`), how many sequences the encoder
 a time (`objective.image_group`), how XLA:CPU runs the planner's matmuls (`planner.cpu_dots`),
 and whether the planner maps or vmaps over environments (`planner.PLAN_BATCHING`). Like XLA's and
 cuDNN's autotuners, `choose` times each candidate once for the shapes in use (the planner's, whole
-decisions, taking turns), when a function is
-traced or (the planner's matmuls) first called, in a worker thread outside any trace, remembers
-the timings, and takes the fastest (or the default, unless the fastest saves at least the op's
+decisions, taking turns), when a function is traced or (the planner's matmuls) first called, in a
+worker thread outside any trace, remembers the timings, and takes the fastest (or the default, unless the fastest saves at least the op's
 `min_gain` of its time; decided again from the remembered timings on every call, so a changed
 rule needs no new measurement):
 
@@ -193,7 +192,9 @@ def time_in_turns(builders: Mapping[str, Builder], budget_s: float = 1.0, reps: 
     candidate's minimum. Timed one after another (`time_candidate`), candidates of similar cost
     see different spells of a shared machine, and a load that comes or goes between them decides
     the choice; taking turns, they see the same. All candidates are held at once, so this is for a
-    few whole programs (the planner's), not for many layers. `clock` is for tests."""
+    few whole programs (the planner's), not for many layers; and every candidate gets a timed call
+    after its warm-up, however slow (no `SLOW_WARM_UP` cut-off), since turns are about candidates
+    of similar cost. `clock` is for tests."""
     runs = {name: build() for name, build in builders.items()}
     for run in runs.values():
         run()

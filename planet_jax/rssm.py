@@ -141,7 +141,8 @@ def observe(params: Params, cfg: ModelConfig, e: jax.Array, a: jax.Array, key: j
 
 def imagine(params: Params, cfg: ModelConfig, state0: RSSMState, a: jax.Array, key: jax.Array,
             unroll: int = 1, readout: Callable[[RSSMState, Gaussian], Any] | None = None) -> Any:
-    """Open-loop prior rollout from state0 under actions a (H, |a|); states and priors, leading H.
+    """Open-loop prior rollout from state0 under actions a (H, |a|): states and priors (or what
+    `readout` emits), leading H.
 
     Step t is `prior_step` with eps[t], eps ~ N(0, I) of shape (H,) + state0.s.shape drawn from
     `key` at once: `jax.random.normal(key, that shape)`, by `prng.normal`, whose unrolled hash

@@ -45,11 +45,13 @@ def tuner(tmp_path, timer, search=True, machine="test machine", turns=None):
 
 
 class FakeMachine:
-    """A clock and candidates for it: each call of candidate n costs cost[n] seconds plus `drift` for
-    every call made before it (a machine that slows down while it is timed); `log` is the order."""
+    """A clock and candidates for it: each call of candidate n costs cost[n] seconds, plus `drift`
+    for every call made before it (a machine that slows down while it is timed), plus `spike` for
+    every `period`-th call (another process waking up); `log` is the order of the calls."""
 
-    def __init__(self, cost, drift=0.0):
-        self.cost, self.drift, self.now, self.log = cost, drift, 0.0, []
+    def __init__(self, cost, drift=0.0, spike=0.0, period=0):
+        self.cost, self.drift, self.spike, self.period = cost, drift, spike, period
+        self.now, self.log = 0.0, []
 
     def clock(self):
         return self.now
@@ -57,34 +59,36 @@ class FakeMachine:
     def builders(self):
         def build(name):
             def run():
-                self.now += self.cost[name] + self.drift * len(self.log)
+                n = len(self.log)
+                self.now += self.cost[name] + self.drift * n + (self.spike if self.period and n % self.period == 0 else 0.0)
                 self.log.append(name)
             return lambda: run
         return {name: build(name) for name in self.cost}
 
 
-def test_time_in_turns_rotates_the_order_and_is_fair_to_equal_candidates_on_a_drifting_machine():
+def test_time_in_turns_rotates_the_order_and_is_fairer_than_one_after_another_on_a_drifting_machine(monkeypatch):
     m = FakeMachine({"a": 1.0, "b": 1.0, "c": 0.5}, drift=0.01)
     seconds = autotune.time_in_turns(m.builders(), budget_s=100.0, reps=3, clock=m.clock)
     # built and warmed up once each, then three rounds, each starting one candidate later
     assert m.log == ["a", "b", "c"] + ["a", "b", "c"] + ["b", "c", "a"] + ["c", "a", "b"]
     # each candidate's minimum: its first timed call (the machine only slows down)
     assert seconds == pytest.approx({"a": 1.0 + 0.03, "b": 1.0 + 0.04, "c": 0.5 + 0.05})
-    # a and b cost the same: in turns their times differ by one call's drift; one after another
-    # (time_candidate: warm-up and three timed calls each) by four
+    # a and b cost the same: in turns their times differ by one call's drift, timed one after
+    # another by `time_candidate` (a warm-up and three timed calls each) by four
     m2 = FakeMachine({"a": 1.0, "b": 1.0}, drift=0.01)
-    sequential = {}
-    for name, build in m2.builders().items():
-        run = build()
-        run()
-        times = []
-        for _ in range(3):
-            t0 = m2.clock()
-            run()
-            times.append(m2.clock() - t0)
-        sequential[name] = min(times)
+    monkeypatch.setattr(autotune.time, "perf_counter", m2.clock)
+    sequential = {name: autotune.time_candidate(name, build, budget_s=100.0, reps=3)
+                  for name, build in m2.builders().items()}
     assert sequential["b"] - sequential["a"] == pytest.approx(0.04)
-    assert abs(seconds["b"] - seconds["a"]) == pytest.approx(0.01)
+    assert seconds["b"] - seconds["a"] == pytest.approx(0.01)
+
+
+def test_time_in_turns_shares_a_periodic_load_among_equal_candidates():
+    # every third call is slowed: in rounds of three without rotation it would always hit the same
+    # candidate, whose every call would be slow; rotated, each candidate meets it once
+    m = FakeMachine({"a": 1.0, "b": 1.0, "c": 1.0}, spike=0.5, period=3)
+    seconds = autotune.time_in_turns(m.builders(), budget_s=100.0, reps=3, clock=m.clock)
+    assert seconds == pytest.approx({"a": 1.0, "b": 1.0, "c": 1.0})
 
 
 def test_time_in_turns_stops_at_the_budget_after_at_least_one_round():
