@@ -6,9 +6,9 @@ a time (`objective.image_group`), how XLA:CPU runs the planner's matmuls (`plann
 and whether the planner maps or vmaps over environments (`planner.PLAN_BATCHING`). Like XLA's and
 cuDNN's autotuners, `choose` times each candidate once for the shapes in use (the planner's, whole
 decisions, taking turns), when a function is traced or (the planner's matmuls) first called, in a
-worker thread outside any trace, remembers the timings, and takes the fastest (or the default, unless the fastest saves at least the op's
-`min_gain` of its time; decided again from the remembered timings on every call, so a changed
-rule needs no new measurement):
+worker thread outside any trace, remembers the timings, and takes the fastest (or the default,
+unless the fastest saves at least the op's `min_gain` of its time; decided again from the
+remembered timings on every call, so a changed rule needs no new measurement):
 
   cache   one JSON file, `cache_dir() / "autotune.json"`: {"version": 2, "entries": {machine:
           {op: {shape key: {"choice": name, "seconds": {name: s}}}}}}, where machine is
@@ -213,7 +213,8 @@ def time_in_turns(builders: Mapping[str, Builder], budget_s: float = 1.0, reps: 
 @dataclasses.dataclass(frozen=True)
 class Tuner:
     """Measures and remembers choices. `Tuner()` reads the environment (cache folder, search switch)
-    and times with `time_candidate` (or `time_in_turns`); tests pass a folder, a switch and fake timers."""
+    and times with `time_candidate` (or `time_in_turns`); tests pass a folder, a switch and fake
+    timers."""
     path: Path = dataclasses.field(default_factory=lambda: cache_dir() / CACHE_FILE)
     search: bool = dataclasses.field(default_factory=search_enabled)
     timer: Timer = time_candidate
