@@ -326,7 +326,7 @@ def tiny() -> Config:
 
 
 def cpu() -> Config:
-    """A learning run that fits 2 CPU cores in about two hours (see README, 'Results on a CPU').
+    """A learning run that fits 2 CPU cores in about two hours (see README, 'Results').
 
     The paper's algorithm and model family with less compute per step: half-width convolutions,
     RSSM and reward MLP of 100 units, B x L = 16 x 32, C = 40, and CEM with J = 250, K = 25, I = 6.
